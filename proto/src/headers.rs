@@ -1,0 +1,32 @@
+//! AMQP header names. No service spells one inline.
+//!
+//! Standard AMQP properties carry what they were made for: `message_id` (the [`MessageId`]),
+//! `content_type`, `timestamp` (seconds) and `correlation_id`. Everything else hiway needs
+//! travels in these headers.
+//!
+//! [`MessageId`]: crate::MessageId
+
+/// Envelope version, so a v2 envelope can live beside v1 during an upgrade.
+pub const VERSION: &str = "x-hiway-v";
+/// The channel the message arrived on.
+pub const CHANNEL: &str = "x-hiway-channel";
+/// The client that posted it.
+pub const CLIENT: &str = "x-hiway-client";
+/// When ingress accepted it, in microseconds since the Unix epoch (the AMQP `timestamp`
+/// property has only second precision, too coarse for latency).
+pub const RECEIVED_AT: &str = "x-hiway-received-at";
+/// The destination a fanned-out copy is for.
+pub const DESTINATION: &str = "x-hiway-destination";
+/// The route that sent the copy to its destination.
+pub const ROUTE: &str = "x-hiway-route";
+/// Delivery attempts made so far for this copy (0 before the first).
+pub const ATTEMPT: &str = "x-hiway-attempt";
+/// How many times an operator replayed this copy.
+pub const REPLAY: &str = "x-hiway-replay";
+/// W3C trace context, so one trace covers the whole path.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// The HTTP header that carries the message id to destinations, besides `Idempotency-Key`.
+pub const HTTP_MESSAGE_ID: &str = "x-hiway-message-id";
+/// The HTTP header destinations can dedupe on.
+pub const HTTP_IDEMPOTENCY_KEY: &str = "idempotency-key";

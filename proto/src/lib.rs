@@ -1,0 +1,22 @@
+//! The wire contract of hiway: what every service must agree on.
+//!
+//! - [`ids`]: typed ids and names (message ids are UUIDv7; channel, client, route and
+//!   destination names are validated once, because they end up in queue names and headers).
+//! - [`headers`]: the AMQP header names that carry message metadata.
+//! - [`names`]: exchange and queue names, as functions of one prefix.
+//! - [`envelope`]: message metadata to and from AMQP properties; the payload travels as the
+//!   AMQP body, untouched.
+//! - [`audit`]: the audit events every service publishes.
+//! - [`topology`]: one function that declares the whole RabbitMQ topology idempotently.
+
+pub mod audit;
+pub mod envelope;
+pub mod headers;
+pub mod ids;
+pub mod names;
+pub mod topology;
+
+pub use audit::{AuditEvent, AuditKind};
+pub use envelope::{Envelope, EnvelopeError};
+pub use ids::{ChannelName, ClientName, DestinationName, InvalidName, MessageId, RouteName};
+pub use names::Names;

@@ -1,0 +1,633 @@
+//! hiway's configuration.
+//!
+//! One model for the whole config directory ([`Config`]), loaded in layers by [`load`]:
+//! the embedded `config/default.toml`, then the file or directory named by `--config`, then
+//! `HIWAY_*` environment variables. Everything is validated before any service connects, and
+//! every error names the key and, where it can, the file it came from.
+
+mod secret;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use hiway_proto::{ChannelName, ClientName, DestinationName, Names, RouteName};
+use serde::Deserialize;
+
+pub use secret::{SecretRef, SecretString};
+
+/// The embedded default configuration, also the reference for every key.
+pub const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
+
+/// Environment variables with this prefix override configuration keys.
+pub const ENV_PREFIX: &str = "HIWAY_";
+
+/// Top-level sections; only `HIWAY_<SECTION>__…` variables are read as configuration, so
+/// unrelated variables such as `HIWAY_TEST_AMQP_URL` never trip the unknown-key check.
+const SECTIONS: &[&str] = &[
+    "broker",
+    "database",
+    "ingress",
+    "transformer",
+    "sender",
+    "audit",
+    "shutdown",
+    "log",
+    "clients",
+    "channels",
+    "destinations",
+    "routes",
+];
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read or listed.
+    #[error("cannot read configuration at {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file does not parse, a key is unknown, or a value has the wrong type. figment's
+    /// message names the key and the file.
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// The values parse but do not fit together.
+    #[error("configuration is not valid:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// RabbitMQ connection and naming.
+    pub broker: BrokerConfig,
+    /// PostgreSQL (the audit store).
+    pub database: DatabaseConfig,
+    /// The webhook listener.
+    pub ingress: IngressConfig,
+    /// The router.
+    pub transformer: TransformerConfig,
+    /// The delivery workers.
+    pub sender: SenderConfig,
+    /// The audit writer.
+    pub audit: AuditConfig,
+    /// How services stop.
+    pub shutdown: ShutdownConfig,
+    /// Logging.
+    pub log: LogConfig,
+    /// Source systems allowed to post, by name.
+    #[serde(default)]
+    pub clients: BTreeMap<ClientName, ClientConfig>,
+    /// Inbound endpoints, by name.
+    #[serde(default)]
+    pub channels: BTreeMap<ChannelName, ChannelConfig>,
+    /// Systems hiway delivers to, by name.
+    #[serde(default)]
+    pub destinations: BTreeMap<DestinationName, DestinationConfig>,
+    /// Which channels go to which destinations, by name.
+    #[serde(default)]
+    pub routes: BTreeMap<RouteName, RouteConfig>,
+}
+
+/// `[broker]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URL; may hold a password, so it is kept as a secret.
+    pub url: SecretString,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+    /// Longest wait for a publisher confirm.
+    #[serde(with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// First wait before reconnecting.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest wait between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+/// `[database]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// PostgreSQL URL; may hold a password.
+    pub url: SecretString,
+    /// Pool size per process.
+    pub max_connections: u32,
+}
+
+/// `[ingress]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngressConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Retry-After value on 503.
+    pub retry_after_seconds: u32,
+    /// Whole-request timeout.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+}
+
+/// `[transformer]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerConfig {
+    /// Unacknowledged messages held at once.
+    pub prefetch: u16,
+}
+
+/// `[sender]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    /// Destinations this process serves; empty = all.
+    pub destinations: Vec<DestinationName>,
+    /// Pause before a failed message goes back to its queue.
+    #[serde(with = "humantime_serde")]
+    pub requeue_delay: Duration,
+}
+
+/// `[audit]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Events per commit.
+    pub batch_size: usize,
+    /// Oldest a pending batch may get before it is written.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Unacknowledged audit messages held at once.
+    pub prefetch: u16,
+}
+
+/// `[shutdown]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Longest drain after a stop signal.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// tracing filter directives.
+    pub filter: String,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[clients.<name>]`: a source system's credentials, as SHA-256 hashes (hex).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Hash of the bearer API key.
+    pub api_key_sha256: Option<String>,
+    /// Hash of the basic-auth password (the user name is the client's name).
+    pub password_sha256: Option<String>,
+}
+
+/// `[channels.<name>]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelConfig {
+    /// Clients allowed to post here.
+    pub clients: Vec<ClientName>,
+    /// Accepted content types (no parameters).
+    #[serde(default = "default_content_types")]
+    pub content_types: Vec<String>,
+    /// Largest accepted body.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_content_types() -> Vec<String> {
+    vec!["application/json".to_owned()]
+}
+
+fn default_max_body_bytes() -> usize {
+    1024 * 1024
+}
+
+impl ChannelConfig {
+    /// Whether this channel takes this content type (parameters such as charset ignored).
+    pub fn accepts(&self, content_type: &str) -> bool {
+        let essence = essence(content_type);
+        self.content_types
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(essence))
+    }
+}
+
+/// The media type without parameters: `application/json; charset=utf-8` → `application/json`.
+pub fn essence(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or("").trim()
+}
+
+/// Whether a content type is JSON (`application/json` or any `*/*+json`).
+pub fn is_json(content_type: &str) -> bool {
+    let e = essence(content_type).to_ascii_lowercase();
+    e == "application/json" || e.ends_with("+json")
+}
+
+/// `[destinations.<name>]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationConfig {
+    /// What kind of system it is.
+    #[serde(default)]
+    pub kind: DestinationKind,
+    /// Where requests go.
+    pub url: url::Url,
+    /// HTTP method.
+    #[serde(default = "default_method")]
+    pub method: String,
+    /// Extra headers on every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// How hiway authenticates to it.
+    pub auth: Option<DestinationAuth>,
+    /// Whole-request timeout.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Connect timeout.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Requests in flight per sender process.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Unacknowledged messages per sender process; default 2 × concurrency.
+    pub prefetch: Option<u16>,
+}
+
+impl DestinationConfig {
+    /// The prefetch in force: the configured one, or twice the concurrency.
+    pub fn effective_prefetch(&self) -> u16 {
+        self.prefetch.unwrap_or_else(|| {
+            u16::try_from(self.concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
+        })
+    }
+}
+
+fn default_method() -> String {
+    "POST".to_owned()
+}
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_concurrency() -> usize {
+    16
+}
+
+/// Destination kinds. Only plain HTTP so far; kinds that read DHIS2, FHIR and OpenMRS answers
+/// come later.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationKind {
+    /// Any HTTP endpoint: 2xx is success.
+    #[default]
+    Http,
+}
+
+/// How hiway authenticates to a destination.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DestinationAuth {
+    /// `Authorization: Basic …`
+    Basic {
+        /// User name.
+        username: String,
+        /// Password reference.
+        password: SecretRef,
+    },
+    /// `Authorization: Bearer …`
+    Bearer {
+        /// Token reference.
+        token: SecretRef,
+    },
+}
+
+/// `[routes.<name>]`: from these channels to these destinations.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Channels whose messages this route takes.
+    pub channels: Vec<ChannelName>,
+    /// Destinations each message goes to.
+    pub destinations: Vec<DestinationName>,
+}
+
+impl Config {
+    /// Exchange and queue names of this installation.
+    pub fn names(&self) -> Names {
+        Names::new(self.broker.prefix.clone())
+    }
+
+    /// Every configured destination, for declaring the topology.
+    pub fn destination_names(&self) -> Vec<DestinationName> {
+        self.destinations.keys().cloned().collect()
+    }
+
+    /// The configuration built from the defaults and one TOML text, without the environment
+    /// layer: for tests and tools that hold a configuration in memory.
+    pub fn from_toml(toml: &str) -> Result<Self, ConfigError> {
+        let figment = Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(toml));
+        extract(figment)
+    }
+
+    fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |key: String, msg: String| {
+            let source = figment
+                .find_metadata(key.split('[').next().unwrap_or(&key))
+                .and_then(|m| m.source.as_ref())
+                .map(|s| format!(" (in {s})"))
+                .unwrap_or_default();
+            errors.push(format!("{key}: {msg}{source}"));
+        };
+
+        if self.broker.prefix.is_empty()
+            || !self
+                .broker
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            err(
+                "broker.prefix".into(),
+                format!(
+                    "{:?} must be non-empty letters, digits, '-', '_' or '.'",
+                    self.broker.prefix
+                ),
+            );
+        }
+        if let Err(e) = url::Url::parse(self.broker.url.expose()) {
+            err("broker.url".into(), format!("is not a URL: {e}"));
+        }
+        for (key, d) in [
+            ("broker.publish_timeout", self.broker.publish_timeout),
+            ("broker.reconnect_min", self.broker.reconnect_min),
+            ("ingress.request_timeout", self.ingress.request_timeout),
+            ("audit.flush_interval", self.audit.flush_interval),
+        ] {
+            if d.is_zero() {
+                err(key.into(), "must be longer than zero".into());
+            }
+        }
+        if self.broker.reconnect_max < self.broker.reconnect_min {
+            err(
+                "broker.reconnect_max".into(),
+                "must not be shorter than reconnect_min".into(),
+            );
+        }
+        for (key, v) in [
+            (
+                "transformer.prefetch",
+                usize::from(self.transformer.prefetch),
+            ),
+            ("audit.prefetch", usize::from(self.audit.prefetch)),
+            ("audit.batch_size", self.audit.batch_size),
+            (
+                "database.max_connections",
+                self.database.max_connections as usize,
+            ),
+        ] {
+            if v == 0 {
+                err(key.into(), "must be at least 1".into());
+            }
+        }
+
+        for (name, client) in &self.clients {
+            if client.api_key_sha256.is_none() && client.password_sha256.is_none() {
+                err(
+                    format!("clients.{name}"),
+                    "has neither api_key_sha256 nor password_sha256, so it could never authenticate"
+                        .into(),
+                );
+            }
+            for (field, value) in [
+                ("api_key_sha256", &client.api_key_sha256),
+                ("password_sha256", &client.password_sha256),
+            ] {
+                if let Some(v) = value
+                    && (v.len() != 64 || hex::decode(v).is_err())
+                {
+                    err(
+                        format!("clients.{name}.{field}"),
+                        "must be a SHA-256 hash: 64 hex digits (make one with `hiway client new`)"
+                            .into(),
+                    );
+                }
+            }
+        }
+
+        for (name, channel) in &self.channels {
+            for (i, client) in channel.clients.iter().enumerate() {
+                if !self.clients.contains_key(client) {
+                    err(
+                        format!("channels.{name}.clients[{i}]"),
+                        format!("unknown client \"{client}\""),
+                    );
+                }
+            }
+            if channel.content_types.is_empty() {
+                err(
+                    format!("channels.{name}.content_types"),
+                    "must name at least one".into(),
+                );
+            }
+            if channel.max_body_bytes == 0 {
+                err(
+                    format!("channels.{name}.max_body_bytes"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
+
+        for (name, d) in &self.destinations {
+            if !matches!(d.url.scheme(), "http" | "https") {
+                err(
+                    format!("destinations.{name}.url"),
+                    "must be an http or https URL".into(),
+                );
+            }
+            if method_with_body(&d.method).is_none() {
+                err(
+                    format!("destinations.{name}.method"),
+                    format!("{:?} is not an HTTP method", d.method),
+                );
+            }
+            if d.concurrency == 0 {
+                err(
+                    format!("destinations.{name}.concurrency"),
+                    "must be at least 1".into(),
+                );
+            }
+            if d.prefetch == Some(0) {
+                err(
+                    format!("destinations.{name}.prefetch"),
+                    "must be at least 1".into(),
+                );
+            }
+            if d.timeout.is_zero() || d.connect_timeout.is_zero() {
+                err(
+                    format!("destinations.{name}.timeout"),
+                    "timeouts must be longer than zero".into(),
+                );
+            }
+            for header in d.headers.keys() {
+                if header.is_empty() || !header.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+                    err(
+                        format!("destinations.{name}.headers"),
+                        format!("{header:?} is not a header name"),
+                    );
+                }
+            }
+            if let Some(auth) = &d.auth {
+                let secret = match auth {
+                    DestinationAuth::Basic { password, .. } => ("password", password),
+                    DestinationAuth::Bearer { token } => ("token", token),
+                };
+                if let Err(e) = secret.1.resolve() {
+                    err(format!("destinations.{name}.auth.{}", secret.0), e);
+                }
+            }
+        }
+
+        for (name, route) in &self.routes {
+            if route.channels.is_empty() {
+                err(
+                    format!("routes.{name}.channels"),
+                    "must name at least one channel".into(),
+                );
+            }
+            if route.destinations.is_empty() {
+                err(
+                    format!("routes.{name}.destinations"),
+                    "must name at least one destination".into(),
+                );
+            }
+            for (i, c) in route.channels.iter().enumerate() {
+                if !self.channels.contains_key(c) {
+                    err(
+                        format!("routes.{name}.channels[{i}]"),
+                        format!("unknown channel \"{c}\""),
+                    );
+                }
+            }
+            for (i, d) in route.destinations.iter().enumerate() {
+                if !self.destinations.contains_key(d) {
+                    err(
+                        format!("routes.{name}.destinations[{i}]"),
+                        format!("unknown destination \"{d}\""),
+                    );
+                }
+            }
+        }
+        for (i, d) in self.sender.destinations.iter().enumerate() {
+            if !self.destinations.contains_key(d) {
+                err(
+                    format!("sender.destinations[{i}]"),
+                    format!("unknown destination \"{d}\""),
+                );
+            }
+        }
+
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+}
+
+/// Messages are sent as request bodies, so only methods that carry one make sense.
+fn method_with_body(method: &str) -> Option<()> {
+    matches!(method, "POST" | "PUT" | "PATCH").then_some(())
+}
+
+/// Loads the configuration: defaults, then `path` (a file, or a directory of `*.toml` files
+/// read in name order), then `HIWAY_*` environment variables; then validates it.
+pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+    if let Some(path) = path {
+        for file in config_files(path)? {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+    }
+    figment = figment.merge(
+        Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .filter(|key| SECTIONS.contains(&key.as_str().split('.').next().unwrap_or(""))),
+    );
+    extract(figment)
+}
+
+fn extract(figment: Figment) -> Result<Config, ConfigError> {
+    let config: Config = figment.extract().map_err(Box::new)?;
+    config.validate(&figment)?;
+    Ok(config)
+}
+
+/// The files `--config PATH` names: PATH itself, or the `*.toml` files in it, sorted.
+fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let io = |source| ConfigError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_file() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let p = entry.map_err(io)?.path();
+        if p.extension().is_some_and(|e| e == "toml") && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// A lookup from credential hash to client, built once at start-up for ingress.
+pub fn api_key_index(config: &Config) -> HashMap<String, ClientName> {
+    config
+        .clients
+        .iter()
+        .filter_map(|(name, c)| {
+            c.api_key_sha256
+                .as_ref()
+                .map(|h| (h.to_ascii_lowercase(), name.clone()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

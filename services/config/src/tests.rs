@@ -1,0 +1,140 @@
+use super::*;
+
+const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+fn valid() -> String {
+    format!(
+        r#"
+[clients.commcare]
+api_key_sha256 = "{HASH}"
+
+[channels.forms]
+clients = ["commcare"]
+
+[destinations.dhis2]
+url = "http://127.0.0.1:9/api/dataValueSets"
+auth = {{ type = "bearer", token = {{ value = "t0ken" }} }}
+
+[routes.forms-to-dhis2]
+channels = ["forms"]
+destinations = ["dhis2"]
+"#
+    )
+}
+
+#[test]
+fn the_embedded_defaults_load_on_their_own() {
+    let config = Config::from_toml("").unwrap();
+    assert_eq!(config.broker.prefix, "hiway");
+    assert_eq!(config.transformer.prefetch, 256);
+    assert!(config.routes.is_empty());
+}
+
+#[test]
+fn a_valid_configuration_fills_per_entry_defaults() {
+    let config = Config::from_toml(&valid()).unwrap();
+    let forms = &config.channels[&ChannelName::parse("forms").unwrap()];
+    assert_eq!(forms.content_types, ["application/json"]);
+    assert_eq!(forms.max_body_bytes, 1024 * 1024);
+    let dhis2 = &config.destinations[&DestinationName::parse("dhis2").unwrap()];
+    assert_eq!(dhis2.concurrency, 16);
+    assert_eq!(dhis2.effective_prefetch(), 32);
+    assert_eq!(dhis2.method, "POST");
+}
+
+#[test]
+fn an_unknown_key_is_refused_by_name() {
+    let err = Config::from_toml("[ingress]\nlisten_addr = \"x\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen_addr"), "{err}");
+}
+
+#[test]
+fn a_route_to_an_unknown_destination_names_the_route_and_the_destination() {
+    let toml = valid().replace(r#"destinations = ["dhis2"]"#, r#"destinations = ["dhis3"]"#);
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(
+        err.contains("routes.forms-to-dhis2.destinations[0]"),
+        "{err}"
+    );
+    assert!(err.contains("dhis3"), "{err}");
+}
+
+#[test]
+fn a_channel_naming_an_unknown_client_is_refused() {
+    let toml = valid().replace(r#"clients = ["commcare"]"#, r#"clients = ["cc"]"#);
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(
+        err.contains("channels.forms.clients[0]: unknown client \"cc\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_credential_that_is_not_a_sha256_hash_is_refused() {
+    let toml = valid().replace(HASH, "secret");
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("clients.commcare.api_key_sha256"), "{err}");
+}
+
+#[test]
+fn an_invalid_name_is_refused_where_it_is_written() {
+    let toml = valid().replace("[channels.forms]", "[channels.Forms]");
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("Forms"), "{err}");
+}
+
+#[test]
+fn a_missing_secret_variable_is_named_without_a_value() {
+    let toml = valid().replace(
+        r#"{ value = "t0ken" }"#,
+        r#"{ env = "HIWAY_NOT_SET_ANYWHERE" }"#,
+    );
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("destinations.dhis2.auth.token"), "{err}");
+    assert!(err.contains("HIWAY_NOT_SET_ANYWHERE is not set"), "{err}");
+}
+
+#[test]
+fn secrets_do_not_show_in_debug_output() {
+    let config = Config::from_toml(&valid()).unwrap();
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("t0ken"));
+    assert!(!debug.contains("guest:guest"));
+}
+
+#[test]
+fn a_directory_is_read_file_by_file_in_name_order_and_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("10-main.toml"), valid()).unwrap();
+    std::fs::write(
+        dir.path().join("20-override.toml"),
+        "[transformer]\nprefetch = 7\n",
+    )
+    .unwrap();
+    let config = load(Some(dir.path())).unwrap();
+    assert_eq!(config.transformer.prefetch, 7);
+
+    std::fs::write(
+        dir.path().join("30-bad.toml"),
+        "[routes.x]\nchannels = [\"nope\"]\ndestinations = [\"dhis2\"]\n",
+    )
+    .unwrap();
+    let err = load(Some(dir.path())).unwrap_err().to_string();
+    assert!(
+        err.contains("routes.x.channels[0]: unknown channel \"nope\""),
+        "{err}"
+    );
+    assert!(err.contains("30-bad.toml"), "{err}");
+}
+
+#[test]
+fn content_types_match_without_parameters_and_json_is_recognised() {
+    let config = Config::from_toml(&valid()).unwrap();
+    let forms = &config.channels[&ChannelName::parse("forms").unwrap()];
+    assert!(forms.accepts("application/json; charset=utf-8"));
+    assert!(!forms.accepts("text/xml"));
+    assert!(is_json("application/fhir+json"));
+    assert!(!is_json("text/plain"));
+}

@@ -1,0 +1,201 @@
+//! Broker connections, the topology, and publishing with confirms.
+
+use std::time::Duration;
+
+use hiway_config::{Config, SecretString};
+use hiway_proto::audit::AuditEvent;
+use hiway_proto::{DestinationName, Names, topology};
+use lapin::Confirmation;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use tokio_util::sync::CancellationToken;
+
+/// Why a publish was not accepted by the broker. In every case the message may not be stored,
+/// so the caller must not report success (ingress answers 503; a consumer does not ack).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The channel or connection failed.
+    #[error("the broker connection failed: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker refused to take responsibility for the message.
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    /// No queue is bound for the routing key, so the message would have been dropped.
+    #[error("no queue is bound for routing key {0:?}")]
+    Unroutable(String),
+    /// No confirm arrived in time.
+    #[error("no confirm from the broker within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How to reach the broker, and what to declare on it.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    url: SecretString,
+    names: Names,
+    destinations: Vec<DestinationName>,
+    publish_timeout: Duration,
+    reconnect_min: Duration,
+    reconnect_max: Duration,
+}
+
+impl Broker {
+    /// From the configuration: the topology covers every configured destination.
+    pub fn new(config: &Config) -> Self {
+        Self {
+            url: config.broker.url.clone(),
+            names: config.names(),
+            destinations: config.destination_names(),
+            publish_timeout: config.broker.publish_timeout,
+            reconnect_min: config.broker.reconnect_min,
+            reconnect_max: config.broker.reconnect_max,
+        }
+    }
+
+    /// The installation's exchange and queue names.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// Connects once and declares the topology. `name` shows in the broker's connection list,
+    /// so an operator can tell which service a connection belongs to.
+    pub async fn connect(&self, name: &str) -> Result<Connection, lapin::Error> {
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = Connection::connect(self.url.expose(), props).await?;
+        let channel = connection.create_channel().await?;
+        topology::declare(&channel, &self.names, &self.destinations).await?;
+        // A channel used for declarations only; closing it keeps the broker's channel list tidy.
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(connection)
+    }
+
+    /// Connects, retrying with growing pauses, until it succeeds or `stop` is cancelled
+    /// (then `None`).
+    pub async fn connect_until(&self, name: &str, stop: &CancellationToken) -> Option<Connection> {
+        let mut wait = self.reconnect_min;
+        loop {
+            match self.connect(name).await {
+                Ok(connection) => return Some(connection),
+                Err(error) => {
+                    tracing::warn!(%error, service = name, retry_in = ?wait, "cannot reach the broker");
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(self.reconnect_max);
+        }
+    }
+
+    /// A channel in confirm mode on `connection`.
+    pub async fn publisher(&self, connection: &Connection) -> Result<Publisher, lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Publisher {
+            channel,
+            timeout: self.publish_timeout,
+            names: self.names.clone(),
+        })
+    }
+
+    /// A consumer on `queue` with its own channel and a deliberate prefetch (per consumer;
+    /// never the broker's unlimited default). The caller says why it chose `prefetch`.
+    pub async fn consumer(
+        &self,
+        connection: &Connection,
+        queue: &str,
+        tag: &str,
+        prefetch: u16,
+    ) -> Result<(Channel, Consumer), lapin::Error> {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions { global: false })
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((channel, consumer))
+    }
+}
+
+/// A channel in confirm mode. Cheap to clone; many publishes may be in flight on it at once,
+/// each awaiting its own confirm, which is how hiway keeps the broker busy without ever
+/// waiting for one confirm at a time.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+    timeout: Duration,
+    names: Names,
+}
+
+impl Publisher {
+    /// Publishes and waits for the broker's confirm. `mandatory` is set, so a message no queue
+    /// would take comes back as [`PublishError::Unroutable`] instead of vanishing.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirm = async {
+            let pending = self
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await?;
+            Ok::<_, lapin::Error>(pending.await?)
+        };
+        match tokio::time::timeout(self.timeout, confirm).await {
+            Err(_) => Err(PublishError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(PublishError::Broker(e)),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                Err(PublishError::Unroutable(routing_key.to_owned()))
+            }
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            // Every publisher channel is put in confirm mode when it is made.
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        }
+    }
+
+    /// Publishes a batch of audit events as one message and waits for the confirm.
+    pub async fn publish_audit(&self, events: &[AuditEvent]) -> Result<(), PublishError> {
+        // Serializing plain data structures cannot fail.
+        let body = serde_json::to_vec(events).unwrap_or_default();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.publish(
+            &self.names.audit_exchange(),
+            hiway_proto::names::AUDIT_KEY,
+            &body,
+            props,
+        )
+        .await
+    }
+
+    /// Whether the channel can still publish.
+    pub fn is_open(&self) -> bool {
+        self.channel.status().connected()
+    }
+}

@@ -1,0 +1,9 @@
+//! What every hiway main shares, and nothing else: telemetry, stop signals, broker
+//! connections and confirmed publishing. No business logic lives here.
+
+pub mod amqp;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use amqp::{Broker, PublishError, Publisher};
+pub use shutdown::stop_signal;
