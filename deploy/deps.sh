@@ -168,6 +168,10 @@ if ! pg_local; then
     if pg_login_ok; then
         PG_EXTERNAL=1
         log "PostgreSQL is not installed but ${PG_URL} accepts logins (Docker?): using it as is"
+    elif ! command -v psql >/dev/null 2>&1 && tcp_open "$PG_PORT"; then
+        # Installing would only create a second cluster on another port.
+        PG_EXTERNAL=1
+        warn "PostgreSQL is not installed but something listens on 127.0.0.1:${PG_PORT} (Docker?): using it as is, login not verified (no psql)"
     else
         to_install+=(postgresql)
     fi

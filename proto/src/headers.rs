@@ -30,3 +30,12 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const HTTP_MESSAGE_ID: &str = "x-hiway-message-id";
 /// The HTTP header destinations can dedupe on.
 pub const HTTP_IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// Why a message was dead-lettered by a hiway service (as opposed to by the broker, which
+/// writes `x-death`).
+pub const DEAD_REASON: &str = "x-hiway-dead-reason";
+/// Which service dead-lettered it.
+pub const DEAD_BY: &str = "x-hiway-dead-by";
+/// A unique id given to a dead letter when a hiway service publishes it, so that a dead letter
+/// the broker delivers twice is stored once.
+pub const DEAD_ID: &str = "x-hiway-dead-id";

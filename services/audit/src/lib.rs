@@ -1,1 +1,265 @@
+//! hiway audit: writes the audit trail and the dead letters to PostgreSQL.
+//!
+//! Audit batches from every service are collected until `audit.batch_size` events or
+//! `audit.flush_interval`, whichever comes first, written in one statement and one commit,
+//! and only then acked with one multiple-ack. While PostgreSQL is unreachable the batch is
+//! retried and nothing is acked, so the broker keeps every event until the database is back.
+//! Dead letters are stored one by one (they are rare) with a `dead` event in the same
+//! transaction. An audit message that is not a valid batch is rejected to the dead-letter
+//! exchange, where it is stored as a dead letter like any other.
 
+mod dead;
+pub mod store;
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use hiway_config::Config;
+use hiway_proto::audit::AuditBatch;
+use hiway_runtime::Broker;
+use hiway_runtime::consume::Reconnect;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{Connection, Consumer};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use dead::table_to_json;
+pub use store::{MIGRATOR, TrailEntry, trail};
+
+/// Why the audit service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The broker could not be reached or the topology not declared.
+    #[error("cannot connect to the broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// PostgreSQL could not be reached.
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("cannot migrate the audit schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Connects a pool to the configured database.
+pub async fn connect_database(config: &Config) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(config.database.max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(config.database.url.expose())
+        .await
+}
+
+/// The audit service, connected and ready to run.
+pub struct Audit {
+    broker: Broker,
+    connection: Connection,
+    pool: PgPool,
+    batch_size: usize,
+    flush_interval: Duration,
+    prefetch: u16,
+    drain: Duration,
+}
+
+/// Connects to PostgreSQL (applying migrations) and to the broker.
+pub async fn build(config: &Config) -> Result<Audit, Error> {
+    let pool = connect_database(config).await?;
+    MIGRATOR.run(&pool).await?;
+    let broker = Broker::new(config);
+    let connection = broker.connect("hiway-audit").await?;
+    Ok(Audit {
+        broker,
+        connection,
+        pool,
+        batch_size: config.audit.batch_size,
+        flush_interval: config.audit.flush_interval,
+        prefetch: config.audit.prefetch,
+        drain: config.shutdown.drain_timeout,
+    })
+}
+
+impl Audit {
+    /// The pool, for tools that read what was written.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Writes until `stop`, then flushes the open batch and returns.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), Error> {
+        let writer = Writer {
+            pool: self.pool.clone(),
+            batch_size: self.batch_size,
+            flush_interval: self.flush_interval,
+            drain: self.drain,
+        };
+        let mut connections = Reconnect::new(&self.broker, "hiway-audit", self.connection, &stop);
+        while let Some(conn) = connections.next().await {
+            let ended = session(&self.broker, &conn, &writer, self.prefetch, &stop).await;
+            connections.ended(conn, ended).await;
+        }
+        self.pool.close().await;
+        tracing::info!("audit stopped");
+        Ok(())
+    }
+}
+
+/// Consumes the audit and dead queues on one connection until `stop` or a broker error.
+async fn session(
+    broker: &Broker,
+    conn: &Connection,
+    writer: &Writer,
+    prefetch: u16,
+    stop: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let names = broker.names();
+    // Prefetch must exceed a batch (each message carries one or a few events), or batches
+    // would only ever be flushed by the timer.
+    let (_events_channel, events) = broker
+        .consumer(conn, &names.audit_queue(), "hiway-audit", prefetch)
+        .await?;
+    // Dead letters are stored one at a time; a small window is plenty.
+    let (_dead_channel, dead) = broker
+        .consumer(conn, &names.dead_queue(), "hiway-audit-dead", 16)
+        .await?;
+    tracing::info!(queue = %names.audit_queue(), batch_size = writer.batch_size, "audit consuming");
+    let (a, b) = tokio::join!(writer.events(events, stop), writer.dead(dead, stop));
+    a.and(b)
+}
+
+struct Writer {
+    pool: PgPool,
+    batch_size: usize,
+    flush_interval: Duration,
+    drain: Duration,
+}
+
+/// Pending work: the events to write and the delivery tag that acks them all.
+#[derive(Default)]
+struct Batch {
+    events: AuditBatch,
+    last: Option<Delivery>,
+}
+
+impl Writer {
+    /// Collects, writes and acks audit batches until `stop`.
+    async fn events(
+        &self,
+        mut consumer: Consumer,
+        stop: &CancellationToken,
+    ) -> Result<(), lapin::Error> {
+        loop {
+            let mut batch = Batch::default();
+            let mut deadline: Option<Instant> = None;
+            let mut stopping = false;
+            while batch.events.len() < self.batch_size {
+                let timer = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            match serde_json::from_slice::<AuditBatch>(&delivery.data) {
+                                Ok(events) => {
+                                    batch.events.extend(events);
+                                    deadline.get_or_insert_with(|| Instant::now() + self.flush_interval);
+                                    batch.last = Some(delivery);
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%error, "an audit message is not a valid batch; dead-lettering it");
+                                    let _ = delivery
+                                        .nack(BasicNackOptions { requeue: false, ..Default::default() })
+                                        .await;
+                                }
+                            }
+                        }
+                        Some(Err(error)) => return Err(error),
+                        None => return Err(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into()),
+                    },
+                    _ = timer => break,
+                    _ = stop.cancelled() => { stopping = true; break; }
+                }
+            }
+            if let Some(last) = batch.last.take() {
+                if !self.write(&batch.events, stop).await {
+                    // Stopped before the database came back: nothing is acked, so the broker
+                    // redelivers every event of the batch to the next audit process.
+                    return Ok(());
+                }
+                // One ack for the whole batch: every delivery up to this one on this channel
+                // was either part of it or already rejected.
+                last.ack(BasicAckOptions { multiple: true }).await?;
+            }
+            if stopping {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Writes one batch, retrying while the database fails. Returns false if it gave up
+    /// because the drain deadline passed after a stop.
+    async fn write(&self, events: &AuditBatch, stop: &CancellationToken) -> bool {
+        let span = tracing::info_span!("audit.flush", events = events.len());
+        async {
+            let mut wait = Duration::from_millis(100);
+            let mut give_up: Option<Instant> = None;
+            loop {
+                match store::insert_events(&self.pool, events).await {
+                    Ok(_) => return true,
+                    Err(error) => {
+                        tracing::warn!(%error, retry_in = ?wait, "cannot write the audit batch; holding it until PostgreSQL answers");
+                    }
+                }
+                if stop.is_cancelled() {
+                    let deadline = *give_up.get_or_insert_with(|| Instant::now() + self.drain);
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Stores dead letters until `stop`, each acked after its commit.
+    async fn dead(
+        &self,
+        mut consumer: Consumer,
+        stop: &CancellationToken,
+    ) -> Result<(), lapin::Error> {
+        loop {
+            let delivery = tokio::select! {
+                next = consumer.next() => match next {
+                    Some(Ok(d)) => d,
+                    Some(Err(error)) => return Err(error),
+                    None => return Err(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into()),
+                },
+                _ = stop.cancelled() => return Ok(()),
+            };
+            let letter = dead::from_delivery(&delivery);
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match store::insert_dead_letter(&self.pool, &letter).await {
+                    Ok(()) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot store a dead letter; holding it until PostgreSQL answers");
+                        if stop.is_cancelled() {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            delivery.ack(BasicAckOptions::default()).await?;
+        }
+    }
+}

@@ -1,1 +1,150 @@
-fn main() {}
+//! `hiway`: all services in one process, and the operator commands.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hiway_proto::MessageId;
+use rand::RngCore;
+
+/// hiway: an interoperability layer for health information exchange.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Configuration file or directory (layered over the built-in defaults).
+    #[arg(long, short, global = true, env = "HIWAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run ingress, transformer, sender and audit in one process.
+    Run,
+    /// Print the audit trail of one message.
+    Trace {
+        /// The id ingress answered with.
+        id: String,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Client credential commands.
+    Client {
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+    /// A demo destination that answers 200 to every POST (for the demo and benchmarks).
+    DemoSink {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: SocketAddr,
+        /// Delay before each answer, e.g. 50ms, to play a slow destination.
+        #[arg(long, default_value = "0ms", value_parser = humantime_duration)]
+        delay: Duration,
+        /// Log every message received.
+        #[arg(long)]
+        verbose: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate the configuration; explain every mistake with its key and file.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Make a new random API key and password for a client and print the hashes to configure.
+    New {
+        /// The client's name.
+        name: String,
+    },
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<humantime::Duration>()
+        .map(Into::into)
+        .map_err(|e| e.to_string())
+}
+
+#[allow(clippy::print_stdout)] // printing is what the operator commands are for
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match args.command {
+        Command::Run => {
+            let config = hiway_config::load(args.config.as_deref())?;
+            hiway_runtime::telemetry::init(&config.log);
+            let stop = hiway_runtime::stop_signal();
+            hiway::run_all(&config, stop).await
+        }
+        Command::Trace { id } => {
+            let config = hiway_config::load(args.config.as_deref())?;
+            let id: MessageId = id
+                .parse()
+                .with_context(|| format!("{id:?} is not a message id"))?;
+            let pool = hiway_audit::connect_database(&config)
+                .await
+                .context("cannot connect to PostgreSQL")?;
+            let trail = hiway_audit::trail(&pool, id).await?;
+            print!("{}", hiway::format_trail(&id.to_string(), &trail));
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = hiway_config::load(args.config.as_deref())?;
+            println!(
+                "configuration is valid: {} clients, {} channels, {} destinations, {} routes",
+                config.clients.len(),
+                config.channels.len(),
+                config.destinations.len(),
+                config.routes.len()
+            );
+            Ok(())
+        }
+        Command::Client {
+            command: ClientCommand::New { name },
+        } => {
+            let name = hiway_proto::ClientName::parse(name)?;
+            let key = random_secret();
+            let password = random_secret();
+            println!("# Give these to the client (shown once; hiway keeps only the hashes):");
+            println!("#   API key:  {key}      (Authorization: Bearer <key>)");
+            println!("#   password: {password} (basic auth, user name {name})");
+            println!("[clients.{name}]");
+            println!(
+                "api_key_sha256 = \"{}\"",
+                hiway_ingress::auth::hash_secret(&key)
+            );
+            println!(
+                "password_sha256 = \"{}\"",
+                hiway_ingress::auth::hash_secret(&password)
+            );
+            Ok(())
+        }
+        Command::DemoSink {
+            listen,
+            delay,
+            verbose,
+        } => {
+            hiway_runtime::telemetry::init(&hiway_config::Config::from_toml("")?.log);
+            let stop = hiway_runtime::stop_signal();
+            hiway::sink::serve(listen, delay, verbose, stop).await
+        }
+    }
+}
+
+/// 32 random bytes, hex: a 256-bit secret.
+fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,1 +1,148 @@
+//! hiway ingress: the webhook endpoint sources post to.
+//!
+//! `POST /v1/channels/{channel}/messages` authenticates the client, checks the channel, the
+//! content type, the size and (for JSON channels) that the body parses, then publishes the
+//! body untouched to the ingress exchange and answers `202 {"id": …}` only once the broker
+//! has confirmed it. Anything else gets a JSON error and publishes nothing.
+//!
+//! [`build`] binds the listener and connects to the broker; [`Ingress::run`] serves until the
+//! stop token is cancelled, then finishes in-flight requests before returning.
 
+pub mod auth;
+mod error;
+mod link;
+mod routes;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+use hiway_config::{ChannelConfig, Config};
+use hiway_proto::{ChannelName, Names};
+use hiway_runtime::Broker;
+use lapin::Connection;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::IngressError;
+
+/// Why ingress could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The broker could not be reached or the topology not declared.
+    #[error("cannot connect to the broker: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The server failed while running.
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Shared by every request.
+#[derive(Clone)]
+pub(crate) struct AppState {
+    clients: Arc<auth::Clients>,
+    channels: Arc<HashMap<ChannelName, ChannelConfig>>,
+    names: Names,
+    link: link::Link,
+    retry_after: u32,
+}
+
+/// Ingress, built and ready to run.
+pub struct Ingress {
+    listener: TcpListener,
+    router: Router,
+    broker: Broker,
+    connection: Connection,
+    link: link::Link,
+}
+
+/// Binds the listener and connects to the broker. Fails if either is impossible, so a
+/// misconfiguration stops the process at start-up rather than at the first request.
+pub async fn build(config: &Config) -> Result<Ingress, Error> {
+    let broker = Broker::new(config);
+    let connection = broker.connect("hiway-ingress").await?;
+    let listener = TcpListener::bind(config.ingress.listen)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.ingress.listen,
+            source,
+        })?;
+    let link = link::Link::default();
+    let state = AppState {
+        clients: Arc::new(auth::Clients::from_config(config)),
+        channels: Arc::new(config.channels.clone().into_iter().collect()),
+        names: config.names(),
+        link: link.clone(),
+        retry_after: config.ingress.retry_after_seconds,
+    };
+    Ok(Ingress {
+        listener,
+        router: router(state, config),
+        broker,
+        connection,
+        link,
+    })
+}
+
+fn router(state: AppState, config: &Config) -> Router {
+    Router::new()
+        .route(
+            "/v1/channels/{channel}/messages",
+            post(routes::post_message),
+        )
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .with_state(state)
+        // Body limits are per channel and enforced in the handler, where the channel is known;
+        // axum's global 2 MB default would otherwise answer first, without naming the channel.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            config.ingress.request_timeout,
+        ))
+        .layer(TraceLayer::new_for_http())
+}
+
+impl Ingress {
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into())
+    }
+
+    /// Serves until `stop` is cancelled, then stops accepting connections, lets in-flight
+    /// requests finish (their publishes are confirmed or answered 503), and closes the broker
+    /// connection.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), Error> {
+        let addr = self.local_addr();
+        let link_stop = CancellationToken::new();
+        let supervisor = tokio::spawn(self.link.clone().supervise(
+            self.broker,
+            self.connection,
+            link_stop.clone(),
+        ));
+        tracing::info!(%addr, "ingress listening");
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        // Only now, with every request answered, is the broker link closed.
+        link_stop.cancel();
+        let _ = supervisor.await;
+        tracing::info!("ingress stopped");
+        served.map_err(Error::Serve)
+    }
+}

@@ -6,10 +6,11 @@ use hiway_config::{Config, SecretString};
 use hiway_proto::audit::AuditEvent;
 use hiway_proto::{DestinationName, Names, topology};
 use lapin::Confirmation;
+use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
 
@@ -163,7 +164,7 @@ impl Publisher {
                     properties,
                 )
                 .await?;
-            Ok::<_, lapin::Error>(pending.await?)
+            pending.await
         };
         match tokio::time::timeout(self.timeout, confirm).await {
             Err(_) => Err(PublishError::Timeout(self.timeout)),
@@ -194,8 +195,44 @@ impl Publisher {
         .await
     }
 
+    /// Sends a delivery to the dead-letter exchange with the reason, keeping its body and
+    /// properties. The caller acks the original only after this returns `Ok`.
+    pub async fn publish_dead(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        service: &str,
+    ) -> Result<(), PublishError> {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(
+            hiway_proto::headers::DEAD_REASON.into(),
+            long_string(reason),
+        );
+        headers.insert(hiway_proto::headers::DEAD_BY.into(), long_string(service));
+        headers.insert(
+            hiway_proto::headers::DEAD_ID.into(),
+            long_string(&uuid::Uuid::now_v7().to_string()),
+        );
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
+        self.publish(
+            &self.names.dead_exchange(),
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            props,
+        )
+        .await
+    }
+
     /// Whether the channel can still publish.
     pub fn is_open(&self) -> bool {
         self.channel.status().connected()
     }
+}
+
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
 }

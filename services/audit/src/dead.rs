@@ -1,0 +1,112 @@
+//! Reading a dead-lettered delivery into a [`DeadLetter`].
+
+use chrono::Utc;
+use hiway_proto::{MessageId, headers};
+use lapin::message::Delivery;
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::store::DeadLetter;
+
+/// Whatever the delivery carries, a dead letter is made: a message is never refused at the
+/// end of the line because its metadata is damaged.
+pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
+    let empty = FieldTable::default();
+    let h = delivery.properties.headers().as_ref().unwrap_or(&empty);
+    let text = |key: &str| match h.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    let (reason, dead_by) = match text(headers::DEAD_REASON) {
+        Some(reason) => (reason, text(headers::DEAD_BY)),
+        // Dead-lettered by the broker itself (a reject without requeue, or a queue limit):
+        // its x-death header says why and from which queue.
+        None => (broker_reason(h), Some("broker".to_owned())),
+    };
+    DeadLetter {
+        dead_id: text(headers::DEAD_ID)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(Uuid::now_v7),
+        message_id: delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|m| m.as_str().parse::<MessageId>().ok()),
+        channel: text(headers::CHANNEL),
+        destination: text(headers::DESTINATION),
+        routing_key: delivery.routing_key.as_str().to_owned(),
+        reason,
+        dead_by,
+        died_at: Utc::now(),
+        content_type: delivery
+            .properties
+            .content_type()
+            .as_ref()
+            .map(|c| c.as_str().to_owned()),
+        headers: table_to_json(h),
+        body: delivery.data.clone(),
+    }
+}
+
+fn broker_reason(h: &FieldTable) -> String {
+    let first_death = match h.inner().get("x-death") {
+        Some(AMQPValue::FieldArray(a)) => a.as_slice().first().cloned(),
+        _ => None,
+    };
+    match first_death {
+        Some(AMQPValue::FieldTable(t)) => {
+            let field = |k: &str| match t.inner().get(k) {
+                Some(AMQPValue::LongString(s)) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                Some(AMQPValue::ShortString(s)) => s.as_str().to_owned(),
+                _ => "?".to_owned(),
+            };
+            format!(
+                "dead-lettered by the broker from queue {} ({})",
+                field("queue"),
+                field("reason")
+            )
+        }
+        _ => "dead-lettered by the broker".to_owned(),
+    }
+}
+
+/// AMQP headers as plain JSON (strings, numbers, booleans, arrays, objects), for storage and
+/// for rebuilding the headers on replay.
+pub fn table_to_json(table: &FieldTable) -> Value {
+    Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), value_to_json(v)))
+            .collect::<Map<_, _>>(),
+    )
+}
+
+fn value_to_json(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(n) => (*n).into(),
+        AMQPValue::ShortShortUInt(n) => (*n).into(),
+        AMQPValue::ShortInt(n) => (*n).into(),
+        AMQPValue::ShortUInt(n) => (*n).into(),
+        AMQPValue::LongInt(n) => (*n).into(),
+        AMQPValue::LongUInt(n) => (*n).into(),
+        AMQPValue::LongLongInt(n) => (*n).into(),
+        AMQPValue::Float(f) => Value::from(f64::from(*f)),
+        AMQPValue::Double(f) => Value::from(*f),
+        AMQPValue::DecimalValue(d) => Value::String(format!("{d:?}")),
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => {
+            Value::String(String::from_utf8_lossy(s.as_bytes()).into_owned())
+        }
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
+        AMQPValue::Timestamp(t) => (*t).into(),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::ByteArray(b) => Value::String(format!("{b:?}")),
+        AMQPValue::Void => Value::Null,
+    }
+}

@@ -1,0 +1,284 @@
+//! The PostgreSQL side of the audit trail: schema, batched writes, and reads.
+
+use chrono::{DateTime, Utc};
+use hiway_proto::MessageId;
+use hiway_proto::audit::{AuditEvent, AuditKind};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// The schema history, embedded so every binary can bring a database up to date.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Writes a batch of events in one statement and one commit.
+///
+/// Array binds with `UNNEST` make it one round trip whatever the batch size. Events already
+/// stored (a redelivered batch) are skipped by `event_id`. If any row is refused the whole
+/// batch is refused and retried; every value is typed by the event itself, so the only
+/// failures are the database's own (unreachable, disk full), which retrying outlasts.
+pub async fn insert_events(pool: &PgPool, events: &[AuditEvent]) -> Result<u64, sqlx::Error> {
+    let n = events.len();
+    let mut event_id = Vec::with_capacity(n);
+    let mut message_id = Vec::with_capacity(n);
+    let mut kind = Vec::with_capacity(n);
+    let mut at = Vec::with_capacity(n);
+    let mut service = Vec::with_capacity(n);
+    let mut channel: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut client: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut destination: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut route: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut attempt: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut status_code: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut duration_ms: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut size_bytes: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut detail = Vec::with_capacity(n);
+    for e in events {
+        event_id.push(e.event_id);
+        message_id.push(e.message_id.as_uuid());
+        kind.push(e.kind_name());
+        at.push(e.at);
+        service.push(e.service.clone());
+        let (c, cl, d, r, a, s, dur, size) = columns(&e.kind);
+        channel.push(c);
+        client.push(cl);
+        destination.push(d);
+        route.push(r);
+        attempt.push(a);
+        status_code.push(s);
+        duration_ms.push(dur);
+        size_bytes.push(size);
+        detail.push(serde_json::to_value(&e.kind).unwrap_or_default());
+    }
+    let result = sqlx::query(
+        "insert into audit_events (event_id, message_id, kind, at, service, channel, client,
+                                   destination, route, attempt, status_code, duration_ms,
+                                   size_bytes, detail)
+         select * from unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[], $5::text[],
+                              $6::text[], $7::text[], $8::text[], $9::text[], $10::int4[],
+                              $11::int4[], $12::int8[], $13::int8[], $14::jsonb[])
+         on conflict (event_id) do nothing",
+    )
+    .bind(event_id)
+    .bind(message_id)
+    .bind(kind)
+    .bind(at)
+    .bind(service)
+    .bind(channel)
+    .bind(client)
+    .bind(destination)
+    .bind(route)
+    .bind(attempt)
+    .bind(status_code)
+    .bind(duration_ms)
+    .bind(size_bytes)
+    .bind(detail)
+    .execute(pool)
+    .await?;
+    Ok(result.rows_affected())
+}
+
+type Columns = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    Option<i32>,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// The searchable columns of an event: channel, client, destination, route, attempt, status,
+/// duration, size.
+fn columns(kind: &AuditKind) -> Columns {
+    let s = |v: &dyn ToString| Some(v.to_string());
+    match kind {
+        AuditKind::Received {
+            channel,
+            client,
+            size_bytes,
+            ..
+        } => (
+            s(channel),
+            s(client),
+            None,
+            None,
+            None,
+            None,
+            None,
+            Some(*size_bytes as i64),
+        ),
+        AuditKind::Routed { channel, .. } | AuditKind::Unrouted { channel } => {
+            (s(channel), None, None, None, None, None, None, None)
+        }
+        AuditKind::Attempted {
+            destination,
+            route,
+            attempt,
+            status_code,
+            duration_ms,
+            ..
+        } => (
+            None,
+            None,
+            s(destination),
+            route.as_ref().map(ToString::to_string),
+            Some(*attempt as i32),
+            status_code.map(i32::from),
+            Some(*duration_ms as i64),
+            None,
+        ),
+        AuditKind::Delivered {
+            destination,
+            route,
+            attempt,
+            status_code,
+            duration_ms,
+        } => (
+            None,
+            None,
+            s(destination),
+            route.as_ref().map(ToString::to_string),
+            Some(*attempt as i32),
+            Some(i32::from(*status_code)),
+            Some(*duration_ms as i64),
+            None,
+        ),
+        AuditKind::Dead { destination, .. } => (
+            None,
+            None,
+            destination.as_ref().map(ToString::to_string),
+            None,
+            None,
+            None,
+            None,
+            None,
+        ),
+    }
+}
+
+/// A dead letter as stored.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// Unique id of this dead letter.
+    pub dead_id: Uuid,
+    /// The message, when its id could be read.
+    pub message_id: Option<MessageId>,
+    /// Channel it came in on, when known.
+    pub channel: Option<String>,
+    /// Destination it was meant for, when it died on the way to one.
+    pub destination: Option<String>,
+    /// The routing key it died with.
+    pub routing_key: String,
+    /// Why it died.
+    pub reason: String,
+    /// Which service (or "broker") dead-lettered it.
+    pub dead_by: Option<String>,
+    /// When.
+    pub died_at: DateTime<Utc>,
+    /// Its content type.
+    pub content_type: Option<String>,
+    /// All its AMQP headers, as JSON.
+    pub headers: serde_json::Value,
+    /// Its payload, untouched.
+    pub body: Vec<u8>,
+}
+
+/// Stores a dead letter and its `dead` audit event in one transaction. A dead letter already
+/// stored is skipped by `dead_id`.
+pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let inserted = sqlx::query(
+        "insert into dead_letters (dead_id, message_id, channel, destination, routing_key, reason,
+                                   dead_by, died_at, content_type, headers, body)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         on conflict (dead_id) do nothing",
+    )
+    .bind(dead.dead_id)
+    .bind(dead.message_id.map(|m| m.as_uuid()))
+    .bind(&dead.channel)
+    .bind(&dead.destination)
+    .bind(&dead.routing_key)
+    .bind(&dead.reason)
+    .bind(&dead.dead_by)
+    .bind(dead.died_at)
+    .bind(&dead.content_type)
+    .bind(&dead.headers)
+    .bind(&dead.body)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if inserted == 1
+        && let Some(message_id) = dead.message_id
+    {
+        let event = AuditEvent {
+            // The event id is the dead letter's, so the pair is written at most once.
+            event_id: dead.dead_id,
+            at: dead.died_at,
+            ..AuditEvent::now(
+                message_id,
+                dead.dead_by.as_deref().unwrap_or("broker"),
+                AuditKind::Dead {
+                    destination: dead
+                        .destination
+                        .as_deref()
+                        .and_then(|d| hiway_proto::DestinationName::parse(d).ok()),
+                    reason: dead.reason.clone(),
+                },
+            )
+        };
+        sqlx::query(
+            "insert into audit_events (event_id, message_id, kind, at, service, destination, detail)
+             values ($1, $2, 'dead', $3, $4, $5, $6) on conflict (event_id) do nothing",
+        )
+        .bind(event.event_id)
+        .bind(message_id.as_uuid())
+        .bind(event.at)
+        .bind(&event.service)
+        .bind(&dead.destination)
+        .bind(serde_json::to_value(&event.kind).unwrap_or_default())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// One line of a message's trail.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct TrailEntry {
+    /// Event kind.
+    pub kind: String,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// Recorded by.
+    pub service: String,
+    /// Channel, for received/routed/unrouted.
+    pub channel: Option<String>,
+    /// Client, for received.
+    pub client: Option<String>,
+    /// Destination, for attempts, deliveries, dead letters.
+    pub destination: Option<String>,
+    /// Route.
+    pub route: Option<String>,
+    /// Attempt number.
+    pub attempt: Option<i32>,
+    /// HTTP status.
+    pub status_code: Option<i32>,
+    /// Attempt duration.
+    pub duration_ms: Option<i64>,
+    /// Body size, for received.
+    pub size_bytes: Option<i64>,
+    /// The whole event.
+    pub detail: serde_json::Value,
+}
+
+/// Every event of one message, oldest first.
+pub async fn trail(pool: &PgPool, id: MessageId) -> Result<Vec<TrailEntry>, sqlx::Error> {
+    sqlx::query_as(
+        "select kind, at, service, channel, client, destination, route, attempt, status_code,
+                duration_ms, size_bytes, detail
+         from audit_events where message_id = $1 order by at, event_id",
+    )
+    .bind(id.as_uuid())
+    .fetch_all(pool)
+    .await
+}

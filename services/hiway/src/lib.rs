@@ -1,0 +1,162 @@
+//! The `hiway` command's library: running every service in one process, and the operator
+//! commands. `main.rs` only parses arguments and calls these.
+
+pub mod sink;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use anyhow::Context;
+use hiway_config::Config;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Builds every service, then runs them all under one stop token. The same `build` and `run`
+/// as the separate binaries: messages still cross RabbitMQ, so a laptop fails the way
+/// production does. When one service fails, the others are stopped (they drain) and the
+/// error names the service.
+pub async fn run_all(config: &Config, stop: CancellationToken) -> anyhow::Result<()> {
+    // Audit first: it applies the database migrations, and a database that is not there
+    // should stop start-up before anything is accepted.
+    let audit = hiway_audit::build(config).await.context("audit")?;
+    let transformer = hiway_transformer::build(config)
+        .await
+        .context("transformer")?;
+    let sender = hiway_sender::build(config).await.context("sender")?;
+    let ingress = hiway_ingress::build(config).await.context("ingress")?;
+    tracing::info!(addr = %ingress.local_addr(), "hiway running: ingress, transformer, sender, audit");
+
+    let services: Vec<(&str, ServiceFuture)> = vec![
+        (
+            "ingress",
+            Box::pin({
+                let s = stop.clone();
+                async move { Ok(ingress.run(s).await?) }
+            }),
+        ),
+        (
+            "transformer",
+            Box::pin({
+                let s = stop.clone();
+                async move { Ok(transformer.run(s).await?) }
+            }),
+        ),
+        (
+            "sender",
+            Box::pin({
+                let s = stop.clone();
+                async move { Ok(sender.run(s).await?) }
+            }),
+        ),
+        (
+            "audit",
+            Box::pin({
+                let s = stop.clone();
+                async move { Ok(audit.run(s).await?) }
+            }),
+        ),
+    ];
+    let mut set = JoinSet::new();
+    for (name, fut) in services {
+        set.spawn(async move { (name, fut.await) });
+    }
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        let (name, result) = joined.context("a service task panicked")?;
+        if let Err(e) = result {
+            tracing::error!(service = name, error = %format!("{e:#}"), "service failed; stopping the others");
+            stop.cancel();
+            first_error.get_or_insert(e.context(format!("service {name} failed")));
+        } else if !stop.is_cancelled() {
+            // A service returning on its own without a stop is unexpected; stop the rest
+            // rather than run half a bus.
+            tracing::error!(
+                service = name,
+                "service stopped unexpectedly; stopping the others"
+            );
+            stop.cancel();
+            first_error.get_or_insert(anyhow::anyhow!("service {name} stopped unexpectedly"));
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Prints the trail of one message, oldest event first.
+pub fn format_trail(id: &str, trail: &[hiway_audit::TrailEntry]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if trail.is_empty() {
+        let _ = writeln!(out, "no events recorded for message {id}");
+        return out;
+    }
+    let _ = writeln!(out, "message {id}");
+    for e in trail {
+        let what = match e.kind.as_str() {
+            "received" => format!(
+                "channel={} client={} size={}B",
+                e.channel.as_deref().unwrap_or("?"),
+                e.client.as_deref().unwrap_or("?"),
+                e.size_bytes.unwrap_or(0)
+            ),
+            "routed" => {
+                let copies = e.detail["copies"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|c| {
+                                format!(
+                                    "{} (route {})",
+                                    c["destination"].as_str().unwrap_or("?"),
+                                    c["route"].as_str().unwrap_or("?")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    })
+                    .unwrap_or_default();
+                format!("to {copies}")
+            }
+            "unrouted" => format!(
+                "no route takes channel {}",
+                e.channel.as_deref().unwrap_or("?")
+            ),
+            "attempted" => format!(
+                "destination={} attempt={} status={} duration={}ms error={}",
+                e.destination.as_deref().unwrap_or("?"),
+                e.attempt.unwrap_or(0),
+                e.status_code
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                e.duration_ms.unwrap_or(0),
+                e.detail["error"].as_str().unwrap_or("")
+            ),
+            "delivered" => format!(
+                "destination={} attempt={} status={} duration={}ms",
+                e.destination.as_deref().unwrap_or("?"),
+                e.attempt.unwrap_or(0),
+                e.status_code.unwrap_or(0),
+                e.duration_ms.unwrap_or(0)
+            ),
+            "dead" => format!(
+                "destination={} reason={}",
+                e.destination.as_deref().unwrap_or("-"),
+                e.detail["reason"].as_str().unwrap_or("")
+            ),
+            _ => e.detail.to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {:<10} {:<12} {}",
+            e.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
+            e.kind,
+            e.service,
+            what
+        );
+    }
+    out
+}

@@ -1,0 +1,153 @@
+//! HTTP handlers.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use hiway_proto::names::INGRESS_KEY;
+use hiway_proto::{ChannelName, Envelope, headers};
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::AppState;
+use crate::error::IngressError;
+use crate::link::Unavailable;
+
+/// The answer to an accepted message.
+#[derive(Serialize)]
+pub struct Accepted {
+    /// The message id, for tracing it later (`hiway trace <id>`).
+    pub id: String,
+}
+
+/// `POST /v1/channels/{channel}/messages`
+pub async fn post_message(
+    State(state): State<AppState>,
+    Path(channel): Path<String>,
+    request_headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Accepted>), IngressError> {
+    // Credentials first: an unauthenticated caller learns nothing, not even which channels
+    // exist.
+    let client = state.clients.authenticate(&request_headers)?;
+    let channel_name =
+        ChannelName::parse(&channel).map_err(|_| IngressError::UnknownChannel(channel.clone()))?;
+    let config = state
+        .channels
+        .get(&channel_name)
+        .ok_or_else(|| IngressError::UnknownChannel(channel.clone()))?;
+    if !config.clients.contains(&client) {
+        return Err(IngressError::Forbidden {
+            client: client.to_string(),
+            channel,
+        });
+    }
+
+    let content_type = request_headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    if !config.accepts(&content_type) {
+        return Err(IngressError::UnsupportedContentType {
+            channel,
+            given: content_type,
+            accepted: config.content_types.join(", "),
+        });
+    }
+
+    let too_large = || IngressError::TooLarge {
+        channel: channel.clone(),
+        limit: config.max_body_bytes,
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = request_headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > config.max_body_bytes) {
+        return Err(too_large());
+    }
+    let bytes = axum::body::to_bytes(body, config.max_body_bytes)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                too_large()
+            } else {
+                IngressError::BadBody(e.to_string())
+            }
+        })?;
+
+    if hiway_config::is_json(&content_type)
+        && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+    {
+        return Err(IngressError::MalformedJson {
+            message: json_message(&e),
+            line: e.line(),
+            column: e.column(),
+        });
+    }
+
+    let publisher = state.link.publisher().map_err(|why| {
+        let reason = match why {
+            Unavailable::Disconnected => "not connected",
+            Unavailable::Blocked => "the broker blocks publishers",
+        };
+        IngressError::Unavailable(reason.to_owned(), state.retry_after)
+    })?;
+
+    let mut envelope = Envelope::accepted(channel_name, client, content_type);
+    envelope.traceparent = request_headers
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let id = envelope.id;
+    let span = tracing::info_span!(
+        "ingress.accept",
+        message_id = %id,
+        channel = %envelope.channel,
+        client = %envelope.client,
+        size = bytes.len()
+    );
+    publisher
+        .publish(
+            &state.names.ingress_exchange(),
+            INGRESS_KEY,
+            &bytes,
+            envelope.to_properties(),
+        )
+        .instrument(span)
+        .await
+        .map_err(|e| IngressError::Unavailable(e.to_string(), state.retry_after))?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { id: id.to_string() })))
+}
+
+/// serde_json's message without its own " at line X column Y" suffix, which the error adds
+/// as separate fields.
+fn json_message(e: &serde_json::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" at line ") {
+        Some(i) => s[..i].to_owned(),
+        None => s,
+    }
+}
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, Json(serde_json::json!({"status": "ok"})))
+}
+
+/// `GET /readyz`: ready only while connected to the broker and allowed to publish.
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.link.ready() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not connected to the broker"})),
+        )
+    }
+}

@@ -1,0 +1,111 @@
+//! The consuming loop every worker shares: reconnect when the broker goes away, handle
+//! deliveries concurrently, and drain on stop.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use lapin::message::Delivery;
+use lapin::{Connection, Consumer};
+use tokio_util::sync::CancellationToken;
+
+use crate::Broker;
+
+/// Hands out broker connections to a worker until `stop`: first the one `build` made, then a
+/// new one each time a session on the previous one fails.
+///
+/// ```ignore
+/// let mut connections = Reconnect::new(&broker, "hiway-transformer", first, &stop);
+/// while let Some(conn) = connections.next().await {
+///     let ended = session(&conn).await;
+///     connections.ended(conn, ended).await;
+/// }
+/// ```
+///
+/// A session returns `Ok(())` when it ended because of `stop` (drained), or the broker error
+/// that ended it. Its unacknowledged deliveries go back to their queues when the connection
+/// closes, which is safe because nothing is acked before its outcome is durable.
+pub struct Reconnect<'a> {
+    broker: &'a Broker,
+    service: &'a str,
+    first: Option<Connection>,
+    stop: &'a CancellationToken,
+    done: bool,
+}
+
+impl<'a> Reconnect<'a> {
+    /// Starts with the connection `build` made.
+    pub fn new(
+        broker: &'a Broker,
+        service: &'a str,
+        first: Connection,
+        stop: &'a CancellationToken,
+    ) -> Self {
+        Self {
+            broker,
+            service,
+            first: Some(first),
+            stop,
+            done: false,
+        }
+    }
+
+    /// The next connection, or `None` once the worker should return.
+    pub async fn next(&mut self) -> Option<Connection> {
+        if self.done || self.stop.is_cancelled() && self.first.is_none() {
+            return None;
+        }
+        match self.first.take() {
+            Some(c) => Some(c),
+            None => self.broker.connect_until(self.service, self.stop).await,
+        }
+    }
+
+    /// Closes the connection a session ran on and records how it ended.
+    pub async fn ended(&mut self, connection: Connection, result: Result<(), lapin::Error>) {
+        match result {
+            Ok(()) => {
+                let _ = connection.close(200, "shutdown".into()).await;
+                self.done = true;
+            }
+            Err(error) => {
+                tracing::warn!(%error, service = self.service, "broker session ended; reconnecting");
+                let _ = connection.close(320, "reconnecting".into()).await;
+                self.done = self.stop.is_cancelled();
+            }
+        }
+    }
+}
+
+/// Hands each delivery of `consumer` to `handle`, up to `concurrency` at once, until `stop`.
+///
+/// On stop it takes no new delivery, lets the ones in hand finish (each acks or nacks itself)
+/// for at most `drain`, then returns `Ok`. A broker error ends it with that error.
+pub async fn consume_concurrently<H, Fut>(
+    consumer: Consumer,
+    concurrency: usize,
+    stop: &CancellationToken,
+    drain: Duration,
+    handle: H,
+) -> Result<(), lapin::Error>
+where
+    H: Fn(Delivery) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let work = consumer
+        .take_until(stop.cancelled())
+        .try_for_each_concurrent(concurrency, |delivery| {
+            let fut = handle(delivery);
+            async move {
+                fut.await;
+                Ok(())
+            }
+        });
+    tokio::select! {
+        result = work => result,
+        _ = async { stop.cancelled().await; tokio::time::sleep(drain).await } => {
+            tracing::warn!(?drain, "drain deadline passed; unfinished deliveries will be redelivered");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! A destination as the sender uses it: one HTTP client, built once, and the request parts
+//! that never change.
+
+use base64::Engine;
+use hiway_config::{DestinationAuth, DestinationConfig};
+use hiway_proto::DestinationName;
+use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
+use reqwest::{Client, Method, Url};
+
+/// Why a destination cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    /// A header name or value is not valid HTTP.
+    #[error("destinations.{destination}.headers: {reason}")]
+    Header {
+        /// Which destination.
+        destination: DestinationName,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A secret could not be read.
+    #[error("destinations.{destination}.auth: {reason}")]
+    Secret {
+        /// Which destination.
+        destination: DestinationName,
+        /// Where it looked.
+        reason: String,
+    },
+    /// The HTTP client could not be built (TLS setup).
+    #[error("destinations.{destination}: cannot build the HTTP client: {source}")]
+    Client {
+        /// Which destination.
+        destination: DestinationName,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// Everything needed to send to one destination.
+#[derive(Debug)]
+pub struct Destination {
+    /// Its name (also its queue's routing key).
+    pub name: DestinationName,
+    /// The client: its connection pool, timeouts and TLS settings belong to this destination
+    /// alone, and its connections stay warm between requests.
+    pub client: Client,
+    /// Request method.
+    pub method: Method,
+    /// Request URL.
+    pub url: Url,
+    /// Configured headers and authorization, prepared once.
+    pub headers: HeaderMap,
+    /// Requests in flight at once in this process.
+    pub concurrency: usize,
+    /// Unacknowledged messages held by this process.
+    pub prefetch: u16,
+}
+
+impl Destination {
+    /// Builds the client and the fixed request parts.
+    pub fn new(
+        name: DestinationName,
+        config: &DestinationConfig,
+    ) -> Result<Self, DestinationError> {
+        let header_error = |reason: String| DestinationError::Header {
+            destination: name.clone(),
+            reason,
+        };
+        let mut headers = HeaderMap::new();
+        for (k, v) in &config.headers {
+            let key = HeaderName::try_from(k.as_str())
+                .map_err(|e| header_error(format!("{k:?}: {e}")))?;
+            let value = HeaderValue::try_from(v.as_str())
+                .map_err(|e| header_error(format!("{k:?}: {e}")))?;
+            headers.insert(key, value);
+        }
+        if let Some(auth) = &config.auth {
+            let secret_error = |reason| DestinationError::Secret {
+                destination: name.clone(),
+                reason,
+            };
+            let value = match auth {
+                DestinationAuth::Basic { username, password } => {
+                    let password = password.resolve().map_err(secret_error)?;
+                    let raw = format!("{username}:{}", password.expose());
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode(raw)
+                    )
+                }
+                DestinationAuth::Bearer { token } => {
+                    format!("Bearer {}", token.resolve().map_err(secret_error)?.expose())
+                }
+            };
+            let mut value = HeaderValue::try_from(value)
+                .map_err(|_| header_error("the credentials are not valid in a header".into()))?;
+            // Marked sensitive so no debug output or HTTP/2 table ever shows it.
+            value.set_sensitive(true);
+            headers.insert(AUTHORIZATION, value);
+        }
+        let client = Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.connect_timeout)
+            // Keep as many idle connections as requests can be in flight, so a steady stream
+            // never opens new ones.
+            .pool_max_idle_per_host(config.concurrency)
+            .tcp_nodelay(true)
+            .user_agent(concat!("hiway/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| DestinationError::Client {
+                destination: name.clone(),
+                source,
+            })?;
+        let method = Method::from_bytes(config.method.as_bytes()).unwrap_or(Method::POST);
+        Ok(Self {
+            name,
+            client,
+            method,
+            url: config.url.clone(),
+            headers,
+            concurrency: config.concurrency,
+            prefetch: config.effective_prefetch(),
+        })
+    }
+}
