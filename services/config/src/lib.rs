@@ -584,7 +584,11 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
     figment = figment.merge(
         Env::prefixed(ENV_PREFIX)
             .split("__")
-            .filter(|key| SECTIONS.contains(&key.as_str().split('.').next().unwrap_or(""))),
+            // Keys are not lowercased yet when the filter sees them.
+            .filter(|key| {
+                let section = key.as_str().split('.').next().unwrap_or("");
+                SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
+            }),
     );
     extract(figment)
 }

@@ -56,7 +56,11 @@ enum Command {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Load and validate the configuration; explain every mistake with its key and file.
-    Check,
+    Check {
+        /// Also print the configuration in force (every layer applied; secrets redacted).
+        #[arg(long)]
+        show: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,9 +102,12 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config {
-            command: ConfigCommand::Check,
+            command: ConfigCommand::Check { show },
         } => {
             let config = hiway_config::load(args.config.as_deref())?;
+            if show {
+                println!("{config:#?}");
+            }
             println!(
                 "configuration is valid: {} clients, {} channels, {} destinations, {} routes",
                 config.clients.len(),

@@ -1,0 +1,275 @@
+//! A message's way through the bus: delivery, fan-out, fan-in, the audit trail.
+
+use std::time::Duration;
+
+use hiway_tests::{Receiver, TestHiway};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn one_route(sink: &Receiver) -> String {
+    format!(
+        r#"
+[channels.forms]
+clients = ["source"]
+[destinations.sink]
+url = "{}"
+[routes.forms-to-sink]
+channels = ["forms"]
+destinations = ["sink"]
+"#,
+        sink.url("/receive")
+    )
+}
+
+#[tokio::test]
+async fn a_posted_message_reaches_its_destination_unchanged_and_its_trail_is_stored() {
+    let sink = Receiver::start().await;
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+    // Whitespace and key order are part of the bytes the destination must get unchanged.
+    let body = br#"{ "form": {"weight": 3.2, "facility": "F-001"},  "id": "f1" }"#;
+
+    let response = app
+        .request("forms")
+        .header("content-type", "application/json; charset=utf-8")
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        )
+        .body(body.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let answer: serde_json::Value = response.json().await.unwrap();
+    let id = answer["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        uuid::Uuid::parse_str(&id).unwrap().get_version_num(),
+        7,
+        "ids are UUIDv7"
+    );
+
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got.len(), 1);
+    let r = &got[0];
+    assert_eq!(r.uri.path(), "/receive");
+    assert_eq!(&r.body[..], &body[..]);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    assert_eq!(r.header("idempotency-key"), Some(id.as_str()));
+    assert_eq!(r.header("x-hiway-message-id"), Some(id.as_str()));
+
+    let trail = app
+        .wait_for_trail(id.parse().unwrap(), &["received", "routed", "delivered"])
+        .await;
+    let kinds: Vec<_> = trail.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["received", "routed", "delivered"]);
+    let received = &trail[0];
+    assert_eq!(received.channel.as_deref(), Some("forms"));
+    assert_eq!(received.client.as_deref(), Some("source"));
+    assert_eq!(received.size_bytes, Some(body.len() as i64));
+    assert_eq!(
+        trail[1].detail["copies"],
+        json!([{"route": "forms-to-sink", "destination": "sink"}])
+    );
+    let delivered = &trail[2];
+    assert_eq!(delivered.destination.as_deref(), Some("sink"));
+    assert_eq!(delivered.route.as_deref(), Some("forms-to-sink"));
+    assert_eq!(delivered.attempt, Some(1));
+    assert_eq!(delivered.status_code, Some(200));
+    assert!(delivered.duration_ms.is_some());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn basic_auth_is_accepted_like_a_bearer_key() {
+    let sink = Receiver::start().await;
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+    let response = app
+        .http
+        .post(format!("{}/v1/channels/forms/messages", app.ingress_url))
+        .basic_auth("source", Some(hiway_tests::SOURCE_PASSWORD))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    sink.wait_for(1, WAIT).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_message_fans_out_to_two_destinations() {
+    let dhis2 = Receiver::start().await;
+    let openmrs = Receiver::start().await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.visits]
+clients = ["source"]
+[destinations.dhis2]
+url = "{}"
+[destinations.openmrs]
+url = "{}"
+[routes.visits-everywhere]
+channels = ["visits"]
+destinations = ["dhis2", "openmrs"]
+"#,
+        dhis2.url("/api/dataValueSets"),
+        openmrs.url("/openmrs/ws/rest/v1/encounter")
+    ))
+    .await;
+
+    let id = app.post_json("visits", &json!({"visit": 1})).await;
+
+    for destination in [&dhis2, &openmrs] {
+        let got = destination.wait_for(1, WAIT).await;
+        assert_eq!(
+            got[0].header("x-hiway-message-id"),
+            Some(id.to_string().as_str())
+        );
+        assert_eq!(&got[0].body[..], br#"{"visit":1}"#);
+    }
+    let trail = app
+        .wait_for_trail(id, &["received", "routed", "delivered", "delivered"])
+        .await;
+    let mut delivered_to: Vec<_> = trail
+        .iter()
+        .filter(|e| e.kind == "delivered")
+        .filter_map(|e| e.destination.clone())
+        .collect();
+    delivered_to.sort();
+    assert_eq!(delivered_to, ["dhis2", "openmrs"]);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_channels_fan_in_to_one_destination() {
+    let dhis2 = Receiver::start().await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.commcare]
+clients = ["source"]
+[channels.cht]
+clients = ["source"]
+[destinations.dhis2]
+url = "{}"
+[routes.reports]
+channels = ["commcare", "cht"]
+destinations = ["dhis2"]
+"#,
+        dhis2.url("/api/dataValueSets")
+    ))
+    .await;
+
+    let a = app
+        .post_json("commcare", &json!({"from": "commcare"}))
+        .await;
+    let b = app.post_json("cht", &json!({"from": "cht"})).await;
+
+    let got = dhis2.wait_for(2, WAIT).await;
+    let mut ids: Vec<_> = got
+        .iter()
+        .map(|r| r.header("x-hiway-message-id").unwrap().to_owned())
+        .collect();
+    ids.sort();
+    let mut expected = vec![a.to_string(), b.to_string()];
+    expected.sort();
+    assert_eq!(ids, expected);
+    for id in [a, b] {
+        app.wait_for_trail(id, &["received", "routed", "delivered"])
+            .await;
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_no_route_takes_is_recorded_as_unrouted_not_dropped() {
+    let sink = Receiver::start().await;
+    let mut entries = one_route(&sink);
+    entries.push_str("\n[channels.orphans]\nclients = [\"source\"]\n");
+    let app = TestHiway::spawn(&entries).await;
+
+    let id = app
+        .post_json("orphans", &json!({"nobody": "wants me"}))
+        .await;
+
+    let trail = app.wait_for_trail(id, &["received", "unrouted"]).await;
+    assert_eq!(trail.last().unwrap().channel.as_deref(), Some("orphans"));
+    // Routed once the trail is written, so the message has been fully handled: no copy left.
+    assert_eq!(app.queue_depth(&app.names().ingress_queue()).await, 0);
+    assert!(sink.received().is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_delivery_is_recorded_and_the_message_delivered_on_a_later_attempt() {
+    let sink = Receiver::start().await;
+    sink.respond_with(&[(503, r#"{"message":"down for maintenance"}"#)]);
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+
+    let id = app.post_json("forms", &json!({"n": 1})).await;
+
+    let got = sink.wait_for(2, WAIT).await;
+    assert!(
+        got.iter()
+            .all(|r| r.header("x-hiway-message-id") == Some(id.to_string().as_str()))
+    );
+    let trail = app
+        .wait_for_trail(id, &["received", "routed", "attempted", "delivered"])
+        .await;
+    let attempted = trail.iter().find(|e| e.kind == "attempted").unwrap();
+    assert_eq!(attempted.attempt, Some(1));
+    assert_eq!(attempted.status_code, Some(503));
+    let error = attempted.detail["error"].as_str().unwrap();
+    assert!(
+        error.contains("down for maintenance"),
+        "the destination's own words are kept: {error}"
+    );
+    let delivered = trail.iter().find(|e| e.kind == "delivered").unwrap();
+    assert_eq!(delivered.attempt, Some(2));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unreadable_envelope_is_dead_lettered_with_its_reason_and_does_not_block_the_queue() {
+    let sink = Receiver::start().await;
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+    let names = app.names();
+    // Published straight to the ingress exchange without hiway's headers, as a misbehaving
+    // tool might.
+    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            names.ingress_exchange().into(),
+            hiway_proto::names::INGRESS_KEY.into(),
+            Default::default(),
+            b"{}",
+            lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = app.post_json("forms", &json!({"after": "poison"})).await;
+
+    sink.wait_for(1, WAIT).await;
+    app.wait_for_trail(good, &["delivered"]).await;
+    let (reason, dead_by): (String, Option<String>) =
+        hiway_tests::eventually("the dead letter", WAIT, || async {
+            sqlx::query_as("select reason, dead_by from dead_letters")
+                .fetch_optional(&app.pool)
+                .await
+                .unwrap()
+        })
+        .await;
+    assert!(reason.contains("message_id"), "{reason}");
+    assert_eq!(dead_by.as_deref(), Some("transformer"));
+    let _ = connection.close(200, "".into()).await;
+    app.shutdown().await;
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests: one test binary, one module per flow. Every test runs real services on
+//! a real RabbitMQ and PostgreSQL; destinations are HTTP doubles.
+
+// In tests a panic is the failure report, helpers included.
+#![allow(clippy::unwrap_used)]
+
+mod bus;
+mod cli;
+mod ingress;
+mod senders;
