@@ -71,6 +71,9 @@ pub enum AuditKind {
         duration_ms: u64,
         /// What went wrong, in words an operator can act on (no payload content).
         error: String,
+        /// When it will be tried again; `None` when it will not (it went dead).
+        #[serde(default)]
+        retry_in_ms: Option<u64>,
     },
     /// The destination accepted the message.
     Delivered {
@@ -84,6 +87,22 @@ pub enum AuditKind {
         status_code: u16,
         /// How long the successful attempt took.
         duration_ms: u64,
+    },
+    /// An operator replayed a dead letter: it is on its way again, attempts restarted.
+    Replayed {
+        /// Where it goes again (none for a message that died before routing).
+        destination: Option<DestinationName>,
+        /// How many times it has been replayed, this one included.
+        replay: u32,
+        /// The dead letter it came from.
+        dead_id: Uuid,
+    },
+    /// An operator discarded a dead letter: it will not be delivered.
+    Discarded {
+        /// Where it was meant to go.
+        destination: Option<DestinationName>,
+        /// The dead letter.
+        dead_id: Uuid,
     },
     /// The message could not be processed and went to the dead-letter exchange.
     Dead {
@@ -124,6 +143,8 @@ impl AuditEvent {
             AuditKind::Attempted { .. } => "attempted",
             AuditKind::Delivered { .. } => "delivered",
             AuditKind::Dead { .. } => "dead",
+            AuditKind::Replayed { .. } => "replayed",
+            AuditKind::Discarded { .. } => "discarded",
         }
     }
 }

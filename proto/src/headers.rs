@@ -39,3 +39,7 @@ pub const DEAD_BY: &str = "x-hiway-dead-by";
 /// A unique id given to a dead letter when a hiway service publishes it, so that a dead letter
 /// the broker delivers twice is stored once.
 pub const DEAD_ID: &str = "x-hiway-dead-id";
+/// The history of failed attempts of a copy, a JSON array of
+/// `{"attempt", "at", "status_code", "error"}`, carried so that a dead letter holds every
+/// attempt even before the audit trail is written.
+pub const ATTEMPTS: &str = "x-hiway-attempts";

@@ -3,6 +3,8 @@
 //! The prefix lets several hiway installations (or test runs) share one broker and vhost
 //! without seeing each other's messages.
 
+use std::time::Duration;
+
 use crate::DestinationName;
 
 /// Routing key of messages on the ingress exchange.
@@ -49,9 +51,26 @@ impl Names {
         format!("{}.deliver.{}", self.prefix, destination)
     }
 
-    /// Retries are published here (reserved for the retry schedule).
+    /// Retries are published here, routing key [`Names::retry_key`].
     pub fn retry_exchange(&self) -> String {
         format!("{}.retry", self.prefix)
+    }
+
+    /// The queue where a destination's messages wait `delay` before their next attempt. Named
+    /// by the delay, not by its position in the schedule, so a changed schedule declares new
+    /// queues instead of clashing with the old ones' arguments.
+    pub fn retry_queue(&self, destination: &DestinationName, delay: Duration) -> String {
+        format!(
+            "{}.retry.{}.{}ms",
+            self.prefix,
+            destination,
+            delay.as_millis()
+        )
+    }
+
+    /// Routing key on the retry exchange for one destination and delay.
+    pub fn retry_key(&self, destination: &DestinationName, delay: Duration) -> String {
+        format!("{}.{}ms", destination, delay.as_millis())
     }
 
     /// Messages that cannot be delivered or processed end here, with their reason.

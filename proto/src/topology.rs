@@ -6,6 +6,8 @@
 //! arguments the broker refuses (`PRECONDITION_FAILED`), which is why the arguments live here
 //! and nowhere else.
 
+use std::time::Duration;
+
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
@@ -18,11 +20,25 @@ pub const DEAD_KEY_INGRESS: &str = "ingress";
 /// Routing key under which the audit queue dead-letters (unparsable audit batches).
 pub const DEAD_KEY_AUDIT: &str = "audit";
 
+/// What the topology needs to know about one destination.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DestinationTopology {
+    /// Its name: routing key and queue name suffix.
+    pub name: DestinationName,
+    /// Its retry schedule: one delay queue per distinct wait.
+    pub retry_delays: Vec<Duration>,
+}
+
 /// Declares every exchange, queue and binding for these destinations.
+///
+/// `delivery_limit` is the number of deliveries without an ack after which the broker
+/// dead-letters a message from a worker's queue: a message that crashes its worker every time
+/// must not be handed out forever.
 pub async fn declare(
     channel: &Channel,
     names: &Names,
-    destinations: &[DestinationName],
+    destinations: &[DestinationTopology],
+    delivery_limit: u32,
 ) -> Result<(), lapin::Error> {
     for (exchange, kind) in [
         (names.ingress_exchange(), ExchangeKind::Direct),
@@ -47,12 +63,12 @@ pub async fn declare(
     }
 
     let dead = names.dead_exchange();
-    queue(
-        channel,
-        &names.ingress_queue(),
-        Some((&dead, DEAD_KEY_INGRESS)),
-    )
-    .await?;
+    let worker = |key: &str| {
+        Args::quorum()
+            .dead_letter(&dead, key)
+            .delivery_limit(delivery_limit)
+    };
+    queue(channel, &names.ingress_queue(), worker(DEAD_KEY_INGRESS)).await?;
     bind(
         channel,
         &names.ingress_queue(),
@@ -61,7 +77,7 @@ pub async fn declare(
     )
     .await?;
 
-    queue(channel, &names.audit_queue(), Some((&dead, DEAD_KEY_AUDIT))).await?;
+    queue(channel, &names.audit_queue(), worker(DEAD_KEY_AUDIT)).await?;
     bind(
         channel,
         &names.audit_queue(),
@@ -70,38 +86,87 @@ pub async fn declare(
     )
     .await?;
 
-    // The dead queue has no dead-letter exchange of its own: it is the end of the line, and
-    // what reaches it stays until the audit service has stored it durably.
-    queue(channel, &names.dead_queue(), None).await?;
+    // The dead queue has no dead-letter exchange and no delivery limit: it is the end of the
+    // line, and what reaches it stays until the audit service has stored it durably.
+    queue(channel, &names.dead_queue(), Args::quorum()).await?;
     bind(channel, &names.dead_queue(), &names.dead_exchange(), "").await?;
 
-    for destination in destinations {
-        let q = names.deliver_queue(destination);
-        queue(channel, &q, Some((&dead, destination.as_str()))).await?;
-        bind(channel, &q, &names.deliver_exchange(), destination.as_str()).await?;
+    for d in destinations {
+        let key = d.name.as_str();
+        queue(channel, &names.deliver_queue(&d.name), worker(key)).await?;
+        bind(
+            channel,
+            &names.deliver_queue(&d.name),
+            &names.deliver_exchange(),
+            key,
+        )
+        .await?;
+
+        // Retries wait in a queue per delay whose TTL, once expired, dead-letters the message
+        // back to the destination's queue. One queue per delay keeps every queue in expiry
+        // order, so no message waits behind a longer one (jitter, a per-message TTL, only ever
+        // shortens a wait, by at most the jitter fraction).
+        let mut delays = d.retry_delays.clone();
+        delays.sort();
+        delays.dedup();
+        for delay in delays {
+            let ttl = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
+            let args = Args::quorum()
+                .dead_letter(&names.deliver_exchange(), key)
+                .ttl(ttl);
+            queue(channel, &names.retry_queue(&d.name, delay), args).await?;
+            let retry_key = names.retry_key(&d.name, delay);
+            bind(
+                channel,
+                &names.retry_queue(&d.name, delay),
+                &names.retry_exchange(),
+                &retry_key,
+            )
+            .await?;
+        }
     }
     Ok(())
 }
 
-/// Declares a durable quorum queue.
-///
-/// Quorum queues replicate across a cluster and, since RabbitMQ 3.10, outperform classic
-/// queues for persistent messages. Dead-lettering is `at-least-once`, so a message moved to
-/// the dead exchange is never lost on the way; RabbitMQ requires `reject-publish` overflow for
-/// that strategy.
-async fn queue(
-    channel: &Channel,
-    name: &str,
-    dead_letter: Option<(&str, &str)>,
-) -> Result<(), lapin::Error> {
-    let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), string("quorum"));
-    if let Some((exchange, key)) = dead_letter {
-        args.insert("x-dead-letter-exchange".into(), string(exchange));
-        args.insert("x-dead-letter-routing-key".into(), string(key));
-        args.insert("x-dead-letter-strategy".into(), string("at-least-once"));
-        args.insert("x-overflow".into(), string("reject-publish"));
+/// Queue arguments, built up from a durable quorum queue.
+struct Args(FieldTable);
+
+impl Args {
+    /// A durable quorum queue: replicated across a cluster and, since RabbitMQ 3.10, faster
+    /// than a classic queue for persistent messages.
+    fn quorum() -> Self {
+        let mut t = FieldTable::default();
+        t.insert("x-queue-type".into(), string("quorum"));
+        Self(t)
     }
+
+    /// Dead-letters to `exchange` with `key`, `at-least-once` so a message is never lost on the
+    /// way; RabbitMQ requires `reject-publish` overflow for that strategy.
+    fn dead_letter(mut self, exchange: &str, key: &str) -> Self {
+        self.0
+            .insert("x-dead-letter-exchange".into(), string(exchange));
+        self.0
+            .insert("x-dead-letter-routing-key".into(), string(key));
+        self.0
+            .insert("x-dead-letter-strategy".into(), string("at-least-once"));
+        self.0.insert("x-overflow".into(), string("reject-publish"));
+        self
+    }
+
+    fn delivery_limit(mut self, limit: u32) -> Self {
+        self.0
+            .insert("x-delivery-limit".into(), AMQPValue::LongUInt(limit));
+        self
+    }
+
+    fn ttl(mut self, millis: u32) -> Self {
+        self.0
+            .insert("x-message-ttl".into(), AMQPValue::LongUInt(millis));
+        self
+    }
+}
+
+async fn queue(channel: &Channel, name: &str, args: Args) -> Result<(), lapin::Error> {
     channel
         .queue_declare(
             name.into(),
@@ -109,7 +174,7 @@ async fn queue(
                 durable: true,
                 ..Default::default()
             },
-            args,
+            args.0,
         )
         .await?;
     Ok(())

@@ -8,12 +8,18 @@ use serde_json::json;
 const WAIT: Duration = Duration::from_secs(20);
 
 fn one_route(sink: &Receiver) -> String {
+    one_route_with(sink, "")
+}
+
+/// One channel to one destination, with extra settings for the destination.
+pub fn one_route_with(sink: &Receiver, destination_settings: &str) -> String {
     format!(
         r#"
 [channels.forms]
 clients = ["source"]
 [destinations.sink]
 url = "{}"
+{destination_settings}
 [routes.forms-to-sink]
 channels = ["forms"]
 destinations = ["sink"]
@@ -208,7 +214,11 @@ async fn a_message_no_route_takes_is_recorded_as_unrouted_not_dropped() {
 async fn a_failed_delivery_is_recorded_and_the_message_delivered_on_a_later_attempt() {
     let sink = Receiver::start().await;
     sink.respond_with(&[(503, r#"{"message":"down for maintenance"}"#)]);
-    let app = TestHiway::spawn(&one_route(&sink)).await;
+    let app = TestHiway::spawn(&one_route_with(
+        &sink,
+        r#"retry = { schedule = ["200ms"] }"#,
+    ))
+    .await;
 
     let id = app.post_json("forms", &json!({"n": 1})).await;
 

@@ -6,5 +6,6 @@
 
 mod bus;
 mod cli;
+mod failures;
 mod ingress;
 mod senders;

@@ -106,6 +106,24 @@ impl TestHiway {
 
     /// Starts the chosen services against the broker at `amqp_url`.
     pub async fn spawn_on(amqp_url: &str, entries: &str, services: Services) -> Self {
+        Self::spawn_full(amqp_url, "", entries, services).await
+    }
+
+    /// Starts the chosen services with extra `[broker]` settings (TOML lines).
+    pub async fn spawn_with_broker_settings(
+        broker_settings: &str,
+        entries: &str,
+        services: Services,
+    ) -> Self {
+        Self::spawn_full(&amqp_url(), broker_settings, entries, services).await
+    }
+
+    async fn spawn_full(
+        amqp_url: &str,
+        broker_settings: &str,
+        entries: &str,
+        services: Services,
+    ) -> Self {
         init_logging();
         let suffix = uuid::Uuid::now_v7().simple().to_string();
         let prefix = format!("t{}", &suffix[suffix.len() - 12..]);
@@ -118,6 +136,7 @@ url = "{amqp_url}"
 prefix = "{prefix}"
 publish_timeout = "5s"
 reconnect_max = "1s"
+{broker_settings}
 
 [database]
 url = "{database_url}"
@@ -126,9 +145,6 @@ max_connections = 3
 [ingress]
 listen = "127.0.0.1:0"
 retry_after_seconds = 2
-
-[sender]
-requeue_delay = "100ms"
 
 [audit]
 flush_interval = "50ms"
@@ -361,6 +377,41 @@ api_key_sha256 = "{}"
         self.processes
             .push(command.spawn().expect("start hiway-sender"));
         self.processes.len() - 1
+    }
+
+    /// Runs the `hiway` command on this test's configuration and returns its output; panics
+    /// with what it printed if it failed.
+    pub async fn hiway(&self, args: &[&str]) -> String {
+        let dir = self.config_dir.path().to_owned();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(binary("hiway"))
+                .args(&args)
+                .arg("--config")
+                .arg(dir)
+                .output()
+        })
+        .await
+        .expect("join")
+        .expect("run hiway");
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output.status.success(),
+            "hiway failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    }
+
+    /// Dead letters stored so far, by state.
+    pub async fn dead_letters(&self, state: &str) -> Vec<hiway_audit::dlq::DeadLetterRow> {
+        let selection = hiway_audit::dlq::Selection {
+            state: Some(state.to_owned()),
+            ..Default::default()
+        };
+        hiway_audit::dlq::select(&self.pool, &selection)
+            .await
+            .expect("select dead letters")
     }
 
     /// SIGKILLs a process started by this harness: no drain, no goodbye.

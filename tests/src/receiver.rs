@@ -51,9 +51,15 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a double on a free port.
     pub async fn start() -> Self {
+        Self::start_on(0).await
+    }
+
+    /// Starts a double on this port (0 for any): a destination that went away comes back at
+    /// the same address.
+    pub async fn start_on(port: u16) -> Self {
         let inner = Arc::new(Inner::default());
         let app = Router::new().fallback(record).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind receiver");
         let addr = listener.local_addr().expect("receiver address");
@@ -65,6 +71,11 @@ impl Receiver {
                 .await;
         });
         Self { addr, inner, stop }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// The URL of `path` on this double.

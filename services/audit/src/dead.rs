@@ -25,7 +25,20 @@ pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
         // its x-death header says why and from which queue.
         None => (broker_reason(h), Some("broker".to_owned())),
     };
+    let attempts = match h.inner().get(headers::ATTEMPTS) {
+        Some(AMQPValue::LongString(s)) => {
+            serde_json::from_slice(s.as_bytes()).unwrap_or(Value::Array(vec![]))
+        }
+        _ => Value::Array(vec![]),
+    };
+    let last_status_code = attempts
+        .as_array()
+        .and_then(|a| a.last())
+        .and_then(|a| a["status_code"].as_i64())
+        .and_then(|s| i32::try_from(s).ok());
     DeadLetter {
+        attempts,
+        last_status_code,
         dead_id: text(headers::DEAD_ID)
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(Uuid::now_v7),

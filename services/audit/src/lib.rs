@@ -9,6 +9,7 @@
 //! exchange, where it is stored as a dead letter like any other.
 
 mod dead;
+pub mod dlq;
 pub mod store;
 
 use std::time::Duration;

@@ -15,7 +15,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 /// stored (a redelivered batch) are skipped by `event_id`. If any row is refused the whole
 /// batch is refused and retried; every value is typed by the event itself, so the only
 /// failures are the database's own (unreachable, disk full), which retrying outlasts.
-pub async fn insert_events(pool: &PgPool, events: &[AuditEvent]) -> Result<u64, sqlx::Error> {
+pub async fn insert_events<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    events: &[AuditEvent],
+) -> Result<u64, sqlx::Error> {
     let n = events.len();
     let mut event_id = Vec::with_capacity(n);
     let mut message_id = Vec::with_capacity(n);
@@ -71,7 +74,7 @@ pub async fn insert_events(pool: &PgPool, events: &[AuditEvent]) -> Result<u64, 
     .bind(duration_ms)
     .bind(size_bytes)
     .bind(detail)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(result.rows_affected())
 }
@@ -143,7 +146,9 @@ fn columns(kind: &AuditKind) -> Columns {
             Some(*duration_ms as i64),
             None,
         ),
-        AuditKind::Dead { destination, .. } => (
+        AuditKind::Dead { destination, .. }
+        | AuditKind::Replayed { destination, .. }
+        | AuditKind::Discarded { destination, .. } => (
             None,
             None,
             destination.as_ref().map(ToString::to_string),
@@ -179,6 +184,10 @@ pub struct DeadLetter {
     pub content_type: Option<String>,
     /// All its AMQP headers, as JSON.
     pub headers: serde_json::Value,
+    /// Every delivery attempt: `{attempt, at, status_code, error}`.
+    pub attempts: serde_json::Value,
+    /// The status code of the last attempt, if the destination answered.
+    pub last_status_code: Option<i32>,
     /// Its payload, untouched.
     pub body: Vec<u8>,
 }
@@ -189,8 +198,9 @@ pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), 
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "insert into dead_letters (dead_id, message_id, channel, destination, routing_key, reason,
-                                   dead_by, died_at, content_type, headers, body)
-         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                                   dead_by, died_at, content_type, headers, body, attempts,
+                                   last_status_code)
+         values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
          on conflict (dead_id) do nothing",
     )
     .bind(dead.dead_id)
@@ -204,6 +214,8 @@ pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), 
     .bind(&dead.content_type)
     .bind(&dead.headers)
     .bind(&dead.body)
+    .bind(&dead.attempts)
+    .bind(dead.last_status_code)
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -114,6 +114,8 @@ pub struct BrokerConfig {
     /// Longest wait between reconnection attempts.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// Deliveries of one message (without an ack) after which the broker dead-letters it.
+    pub delivery_limit: u32,
 }
 
 /// `[database]`
@@ -153,9 +155,6 @@ pub struct TransformerConfig {
 pub struct SenderConfig {
     /// Destinations this process serves; empty = all.
     pub destinations: Vec<DestinationName>,
-    /// Pause before a failed message goes back to its queue.
-    #[serde(with = "humantime_serde")]
-    pub requeue_delay: Duration,
 }
 
 /// `[audit]`
@@ -281,6 +280,63 @@ pub struct DestinationConfig {
     pub concurrency: usize,
     /// Unacknowledged messages per sender process; default 2 × concurrency.
     pub prefetch: Option<u16>,
+    /// When failed deliveries are tried again.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// `[destinations.<name>.retry]`: the retry schedule.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Wait before each retry: the first retry waits `schedule[0]`, and so on. A message is
+    /// tried at most `schedule.len() + 1` times, then it is dead.
+    #[serde(default = "default_schedule", deserialize_with = "durations")]
+    pub schedule: Vec<Duration>,
+    /// Each wait is shortened by a random fraction up to this, so messages that failed
+    /// together do not all come back together.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            schedule: default_schedule(),
+            jitter: default_jitter(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// Attempts before a message is dead: the first one and one per step.
+    pub fn max_attempts(&self) -> u32 {
+        u32::try_from(self.schedule.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
+    }
+}
+
+/// A list of durations written like `["10s", "1m"]`.
+fn durations<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            humantime::parse_duration(s)
+                .map_err(|e| serde::de::Error::custom(format!("{s:?}: {e}")))
+        })
+        .collect()
+}
+
+fn default_schedule() -> Vec<Duration> {
+    [10, 60, 300, 1800, 7200, 21600]
+        .into_iter()
+        .map(Duration::from_secs)
+        .collect()
+}
+
+fn default_jitter() -> f64 {
+    0.1
 }
 
 impl DestinationConfig {
@@ -305,14 +361,16 @@ fn default_concurrency() -> usize {
     16
 }
 
-/// Destination kinds. Only plain HTTP so far; kinds that read DHIS2, FHIR and OpenMRS answers
-/// come later.
+/// Destination kinds: how a destination's answers are read.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum DestinationKind {
-    /// Any HTTP endpoint: 2xx is success.
+    /// Any HTTP endpoint: the status code decides.
     #[default]
     Http,
+    /// DHIS2: the import summary in the body decides too (DHIS2 before 2.38 answers 200 even
+    /// when it rejected values).
+    Dhis2,
 }
 
 /// How hiway authenticates to a destination.
@@ -493,6 +551,18 @@ impl Config {
                 err(
                     format!("destinations.{name}.prefetch"),
                     "must be at least 1".into(),
+                );
+            }
+            if d.retry.schedule.iter().any(|w| w.as_millis() < 1) {
+                err(
+                    format!("destinations.{name}.retry.schedule"),
+                    "every wait must be at least 1ms".into(),
+                );
+            }
+            if !(0.0..1.0).contains(&d.retry.jitter) {
+                err(
+                    format!("destinations.{name}.retry.jitter"),
+                    "must be at least 0 and below 1".into(),
                 );
             }
             if d.timeout.is_zero() || d.connect_timeout.is_zero() {

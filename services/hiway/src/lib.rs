@@ -1,6 +1,7 @@
 //! The `hiway` command's library: running every service in one process, and the operator
 //! commands. `main.rs` only parses arguments and calls these.
 
+pub mod dlq;
 pub mod sink;
 
 use std::future::Future;

@@ -29,6 +29,11 @@ enum Command {
         /// The id ingress answered with.
         id: String,
     },
+    /// Dead letters: list, show, replay, discard.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -51,6 +56,99 @@ enum Command {
         #[arg(long)]
         verbose: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        select: Select,
+    },
+    /// Show one dead letter whole: reason, every attempt, headers, payload.
+    Show {
+        /// Its dead id (or the message id).
+        id: uuid::Uuid,
+    },
+    /// Publish dead letters again, same message id, attempts restarted.
+    Replay {
+        #[command(flatten)]
+        select: Select,
+        /// Say what would be replayed, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Required to replay every dead letter when no id or filter is given.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Mark dead letters as discarded: kept for the record, never delivered.
+    Discard {
+        #[command(flatten)]
+        select: Select,
+        /// Say what would be discarded, and do nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Required to discard every dead letter when no id or filter is given.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// Which dead letters: every condition given must hold.
+#[derive(clap::Args)]
+struct Select {
+    /// Dead ids or message ids.
+    ids: Vec<uuid::Uuid>,
+    /// Meant for this destination.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Came in on this channel.
+    #[arg(long)]
+    channel: Option<String>,
+    /// Died since: a time (2026-11-22T10:00:00Z) or an age (2h).
+    #[arg(long, value_parser = when)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Died before: a time or an age.
+    #[arg(long, value_parser = when)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last attempt got this HTTP status.
+    #[arg(long)]
+    status: Option<i32>,
+    /// The reason contains this text.
+    #[arg(long)]
+    error: Option<String>,
+    /// dead (default), replayed or discarded.
+    #[arg(long)]
+    state: Option<String>,
+    /// At most this many.
+    #[arg(long)]
+    limit: Option<i64>,
+}
+
+impl Select {
+    fn selection(&self) -> hiway_audit::dlq::Selection {
+        hiway_audit::dlq::Selection {
+            ids: self.ids.clone(),
+            destination: self.destination.clone(),
+            channel: self.channel.clone(),
+            since: self.since,
+            until: self.until,
+            status_code: self.status,
+            error: self.error.clone(),
+            state: self.state.clone(),
+            limit: self.limit,
+        }
+    }
+}
+
+/// A time, or an age counted back from now.
+fn when(s: &str) -> Result<chrono::DateTime<chrono::Utc>, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    let age = humantime_duration(s)
+        .map_err(|_| format!("{s:?} is neither a time (RFC 3339) nor an age like 2h"))?;
+    Ok(chrono::Utc::now() - chrono::Duration::from_std(age).map_err(|e| e.to_string())?)
 }
 
 #[derive(Subcommand)]
@@ -100,6 +198,13 @@ async fn main() -> anyhow::Result<()> {
             let trail = hiway_audit::trail(&pool, id).await?;
             print!("{}", hiway::format_trail(&id.to_string(), &trail));
             Ok(())
+        }
+        Command::Dlq { command } => {
+            let config = hiway_config::load(args.config.as_deref())?;
+            let pool = hiway_audit::connect_database(&config)
+                .await
+                .context("cannot connect to PostgreSQL")?;
+            hiway::dlq::run(&config, &pool, command.into()).await
         }
         Command::Config {
             command: ConfigCommand::Check { show },
@@ -154,4 +259,32 @@ fn random_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl From<DlqCommand> for hiway::dlq::Action {
+    fn from(c: DlqCommand) -> Self {
+        use hiway::dlq::Action;
+        match c {
+            DlqCommand::List { select } => Action::List(select.selection()),
+            DlqCommand::Show { id } => Action::Show(id),
+            DlqCommand::Replay {
+                select,
+                dry_run,
+                all,
+            } => Action::Replay {
+                selection: select.selection(),
+                dry_run,
+                all,
+            },
+            DlqCommand::Discard {
+                select,
+                dry_run,
+                all,
+            } => Action::Discard {
+                selection: select.selection(),
+                dry_run,
+                all,
+            },
+        }
+    }
 }

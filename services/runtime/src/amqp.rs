@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use hiway_config::{Config, SecretString};
 use hiway_proto::audit::AuditEvent;
-use hiway_proto::{DestinationName, Names, topology};
+use hiway_proto::topology::DestinationTopology;
+use hiway_proto::{Names, topology};
 use lapin::Confirmation;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -37,7 +38,8 @@ pub enum PublishError {
 pub struct Broker {
     url: SecretString,
     names: Names,
-    destinations: Vec<DestinationName>,
+    destinations: Vec<DestinationTopology>,
+    delivery_limit: u32,
     publish_timeout: Duration,
     reconnect_min: Duration,
     reconnect_max: Duration,
@@ -49,7 +51,15 @@ impl Broker {
         Self {
             url: config.broker.url.clone(),
             names: config.names(),
-            destinations: config.destination_names(),
+            destinations: config
+                .destinations
+                .iter()
+                .map(|(name, d)| DestinationTopology {
+                    name: name.clone(),
+                    retry_delays: d.retry.schedule.clone(),
+                })
+                .collect(),
+            delivery_limit: config.broker.delivery_limit,
             publish_timeout: config.broker.publish_timeout,
             reconnect_min: config.broker.reconnect_min,
             reconnect_max: config.broker.reconnect_max,
@@ -67,7 +77,13 @@ impl Broker {
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect(self.url.expose(), props).await?;
         let channel = connection.create_channel().await?;
-        topology::declare(&channel, &self.names, &self.destinations).await?;
+        topology::declare(
+            &channel,
+            &self.names,
+            &self.destinations,
+            self.delivery_limit,
+        )
+        .await?;
         // A channel used for declarations only; closing it keeps the broker's channel list tidy.
         let _ = channel.close(200, "declared".into()).await;
         Ok(connection)
@@ -203,7 +219,26 @@ impl Publisher {
         reason: &str,
         service: &str,
     ) -> Result<(), PublishError> {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        self.publish_dead_parts(
+            delivery.routing_key.as_str(),
+            &delivery.data,
+            delivery.properties.clone(),
+            reason,
+            service,
+        )
+        .await
+    }
+
+    /// [`Publisher::publish_dead`] for a delivery already taken apart.
+    pub async fn publish_dead_parts(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        reason: &str,
+        service: &str,
+    ) -> Result<(), PublishError> {
+        let mut headers = properties.headers().clone().unwrap_or_default();
         headers.insert(
             hiway_proto::headers::DEAD_REASON.into(),
             long_string(reason),
@@ -213,18 +248,9 @@ impl Publisher {
             hiway_proto::headers::DEAD_ID.into(),
             long_string(&uuid::Uuid::now_v7().to_string()),
         );
-        let props = delivery
-            .properties
-            .clone()
-            .with_headers(headers)
-            .with_delivery_mode(2);
-        self.publish(
-            &self.names.dead_exchange(),
-            delivery.routing_key.as_str(),
-            &delivery.data,
-            props,
-        )
-        .await
+        let props = properties.with_headers(headers).with_delivery_mode(2);
+        self.publish(&self.names.dead_exchange(), routing_key, body, props)
+            .await
     }
 
     /// Whether the channel can still publish.

@@ -2,7 +2,7 @@
 //! that never change.
 
 use base64::Engine;
-use hiway_config::{DestinationAuth, DestinationConfig};
+use hiway_config::{DestinationAuth, DestinationConfig, DestinationKind, RetryConfig};
 use hiway_proto::DestinationName;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, Url};
@@ -55,6 +55,10 @@ pub struct Destination {
     pub concurrency: usize,
     /// Unacknowledged messages held by this process.
     pub prefetch: u16,
+    /// How its answers are read.
+    pub kind: DestinationKind,
+    /// When failed deliveries are tried again.
+    pub retry: RetryConfig,
 }
 
 impl Destination {
@@ -106,6 +110,9 @@ impl Destination {
             // never opens new ones.
             .pool_max_idle_per_host(config.concurrency)
             .tcp_nodelay(true)
+            // A POST redirected would be re-sent as a GET by the usual rules: never follow;
+            // a 3xx is reported as a permanent failure naming the status.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("hiway/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|source| DestinationError::Client {
@@ -121,6 +128,8 @@ impl Destination {
             headers,
             concurrency: config.concurrency,
             prefetch: config.effective_prefetch(),
+            kind: config.kind,
+            retry: config.retry.clone(),
         })
     }
 }

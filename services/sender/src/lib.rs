@@ -3,13 +3,21 @@
 //! One process may serve several destinations (`sender.destinations`, empty = all), and
 //! several processes may serve the same one: they compete for its queue, so adding a process
 //! adds throughput. For each message the sender makes one HTTP request with the message id in
-//! `Idempotency-Key` and `X-Hiway-Message-Id`. On a 2xx it records `delivered` in the audit
-//! trail and acks only once that record is confirmed. On anything else it records the attempt,
-//! waits `sender.requeue_delay`, and puts the message back on the destination's queue with its
-//! attempt count raised, acking the original only once the new copy is confirmed: a failed
-//! delivery is never acked as delivered. (Retry schedules and dead letters build on this.)
+//! `Idempotency-Key` and `X-Hiway-Message-Id`, and reads the answer ([`outcome`]):
+//! - delivered: it records `delivered` in the audit trail and acks once that is confirmed;
+//! - retryable, attempts left: it publishes the message to the retry queue for the next wait
+//!   of the destination's schedule (attempt count and history in its headers), records the
+//!   attempt, and acks once both are confirmed;
+//! - permanent, or no attempts left: it publishes the message to the dead-letter exchange with
+//!   the reason and every attempt, records the attempt, and acks once both are confirmed.
+//!
+//! A failed delivery is never acked as delivered, and nothing is acked before its next home
+//! has confirmed it.
 
 mod destination;
+mod dhis2;
+pub mod outcome;
+mod retry;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,11 +37,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use destination::{Destination, DestinationError};
+use outcome::Outcome;
 
 const SERVICE: &str = "sender";
-/// How much of a failed response's body is kept as its error text: enough for a DHIS2
-/// conflict list or an OperationOutcome, bounded so one answer cannot bloat the audit trail.
-const ERROR_TEXT_LIMIT: usize = 2048;
 
 /// Why the sender could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +57,6 @@ pub struct Sender {
     broker: Broker,
     connection: Connection,
     destinations: Vec<Arc<Destination>>,
-    requeue_delay: Duration,
     drain: Duration,
 }
 
@@ -70,7 +75,6 @@ pub async fn build(config: &Config) -> Result<Sender, Error> {
         broker,
         connection,
         destinations,
-        requeue_delay: config.sender.requeue_delay,
         drain: config.shutdown.drain_timeout,
     })
 }
@@ -82,12 +86,10 @@ impl Sender {
             broker,
             connection,
             destinations,
-            requeue_delay,
             drain,
         } = self;
         let settings = Settings {
             destinations,
-            requeue_delay,
             drain,
         };
         let mut connections = Reconnect::new(&broker, "hiway-sender", connection, &stop);
@@ -127,15 +129,7 @@ async fn session(
                 destination.concurrency,
                 stop,
                 sender.drain,
-                |delivery| {
-                    deliver(
-                        destination,
-                        publisher,
-                        names,
-                        sender.requeue_delay,
-                        delivery,
-                    )
-                },
+                |delivery| deliver(destination, publisher, names, delivery),
             )
             .await
         });
@@ -146,22 +140,16 @@ async fn session(
 /// What a session needs besides the connection.
 struct Settings {
     destinations: Vec<Arc<Destination>>,
-    requeue_delay: Duration,
     drain: Duration,
 }
 
-/// What became of one attempt.
-enum Outcome {
-    Delivered { status: u16 },
-    Failed { status: Option<u16>, error: String },
-}
-
-/// Delivers one message and settles it.
+/// Delivers one message and settles it: ack once its outcome is durable (delivered and
+/// recorded, scheduled for retry, or dead), nack with requeue if that could not be made
+/// durable.
 async fn deliver(
     destination: &Destination,
     publisher: &Publisher,
     names: &Names,
-    requeue_delay: Duration,
     delivery: Delivery,
 ) {
     let envelope = match Envelope::from_properties(&delivery.properties) {
@@ -184,6 +172,7 @@ async fn deliver(
             data,
             acker,
             properties,
+            routing_key,
             ..
         } = delivery;
         // Moved, not copied: the same buffer is the request body and, if needed, the retry.
@@ -191,10 +180,12 @@ async fn deliver(
         let started = Instant::now();
         let outcome = send(destination, &envelope, body.clone()).await;
         let duration_ms = started.elapsed().as_millis() as u64;
+        if let Some(status) = outcome.status() {
+            tracing::Span::current().record("status", status);
+        }
 
-        match outcome {
+        let durable = match outcome {
             Outcome::Delivered { status } => {
-                tracing::Span::current().record("status", status);
                 let event = AuditEvent::now(
                     envelope.id,
                     SERVICE,
@@ -206,45 +197,143 @@ async fn deliver(
                         duration_ms,
                     },
                 );
-                settle(&acker, publisher.publish_audit(&[event]).await.map(|_| ())).await;
+                publisher.publish_audit(&[event]).await
             }
-            Outcome::Failed { status, error } => {
-                if let Some(status) = status {
-                    tracing::Span::current().record("status", status);
-                }
-                tracing::warn!(%error, "delivery failed; the message goes back to its queue");
-                let event = AuditEvent::now(
-                    envelope.id,
-                    SERVICE,
-                    AuditKind::Attempted {
-                        destination: destination.name.clone(),
-                        route: envelope.route.clone(),
-                        attempt,
-                        status_code: status,
-                        duration_ms,
-                        error,
-                    },
+            Outcome::Retry {
+                status,
+                error,
+                retry_after,
+            } if attempt < destination.retry.max_attempts() => {
+                let delay = retry::next_delay(&destination.retry.schedule, attempt, retry_after);
+                let wait = retry::jittered(delay, destination.retry.jitter);
+                tracing::info!(%error, retry_in = ?wait, "delivery failed; retrying later");
+                let props = retry::next_properties(&properties, &envelope, attempt, status, &error)
+                    .with_expiration(wait.as_millis().to_string().into());
+                let event = attempted(
+                    &envelope,
+                    destination,
+                    attempt,
+                    status,
+                    duration_ms,
+                    error,
+                    Some(wait),
                 );
-                tokio::time::sleep(requeue_delay).await;
-                let mut again = envelope.clone();
-                again.attempt = attempt;
-                // The new copy keeps the original properties (e.g. correlation id) with the
-                // attempt count raised.
-                let props = properties
-                    .clone()
-                    .with_headers(merge_headers(&properties, &again.to_properties()));
-                let exchange = names.deliver_exchange();
+                let exchange = names.retry_exchange();
+                let key = names.retry_key(&destination.name, delay);
                 let events = [event];
-                let requeued = tokio::try_join!(
-                    publisher.publish(&exchange, destination.name.as_str(), &body, props),
+                tokio::try_join!(
+                    publisher.publish(&exchange, &key, &body, props),
                     publisher.publish_audit(&events),
-                );
-                settle(&acker, requeued.map(|_| ())).await;
+                )
+                .map(|_| ())
             }
-        }
+            Outcome::Retry { status, error, .. } => {
+                let reason = format!("gave up after {attempt} attempts; last: {error}");
+                let dead = Dead {
+                    routing_key: routing_key.as_str(),
+                    body: &body,
+                    properties: &properties,
+                };
+                go_dead(
+                    publisher,
+                    destination,
+                    &envelope,
+                    dead,
+                    attempt,
+                    status,
+                    duration_ms,
+                    error,
+                    reason,
+                )
+                .await
+            }
+            Outcome::Permanent { status, error } => {
+                let reason = format!("permanent failure: {error}");
+                let dead = Dead {
+                    routing_key: routing_key.as_str(),
+                    body: &body,
+                    properties: &properties,
+                };
+                go_dead(
+                    publisher,
+                    destination,
+                    &envelope,
+                    dead,
+                    attempt,
+                    status,
+                    duration_ms,
+                    error,
+                    reason,
+                )
+                .await
+            }
+        };
+        settle(&acker, durable).await;
     }
     .instrument(span)
     .await
+}
+
+/// The message being dead-lettered, as it arrived.
+struct Dead<'a> {
+    routing_key: &'a str,
+    body: &'a [u8],
+    properties: &'a lapin::BasicProperties,
+}
+
+/// Sends the message dead, with every attempt in its headers, and records this last attempt.
+#[allow(clippy::too_many_arguments)] // each is one fact of the attempt; a struct would only rename them
+async fn go_dead(
+    publisher: &Publisher,
+    destination: &Destination,
+    envelope: &Envelope,
+    dead: Dead<'_>,
+    attempt: u32,
+    status: Option<u16>,
+    duration_ms: u64,
+    error: String,
+    reason: String,
+) -> Result<(), hiway_runtime::PublishError> {
+    tracing::warn!(%reason, "delivery failed; the message is dead");
+    let props = retry::next_properties(dead.properties, envelope, attempt, status, &error);
+    let events = [attempted(
+        envelope,
+        destination,
+        attempt,
+        status,
+        duration_ms,
+        error,
+        None,
+    )];
+    tokio::try_join!(
+        publisher.publish_dead_parts(dead.routing_key, dead.body, props, &reason, SERVICE),
+        publisher.publish_audit(&events),
+    )
+    .map(|_| ())
+}
+
+fn attempted(
+    envelope: &Envelope,
+    destination: &Destination,
+    attempt: u32,
+    status_code: Option<u16>,
+    duration_ms: u64,
+    error: String,
+    retry_in: Option<Duration>,
+) -> AuditEvent {
+    AuditEvent::now(
+        envelope.id,
+        SERVICE,
+        AuditKind::Attempted {
+            destination: destination.name.clone(),
+            route: envelope.route.clone(),
+            attempt,
+            status_code,
+            duration_ms,
+            error,
+            retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
+        },
+    )
 }
 
 /// Acks when the outcome is durable; otherwise returns the message to its queue.
@@ -267,21 +356,7 @@ async fn settle(acker: &lapin::Acker, durable: Result<(), hiway_runtime::Publish
     }
 }
 
-/// The original headers with hiway's own replaced by `fresh`'s.
-fn merge_headers(
-    original: &lapin::BasicProperties,
-    fresh: &lapin::BasicProperties,
-) -> lapin::types::FieldTable {
-    let mut merged = original.headers().clone().unwrap_or_default();
-    if let Some(h) = fresh.headers() {
-        for (k, v) in h.inner() {
-            merged.insert(k.clone(), v.clone());
-        }
-    }
-    merged
-}
-
-/// Makes the HTTP request.
+/// Makes the HTTP request and reads the answer.
 async fn send(destination: &Destination, envelope: &Envelope, body: Bytes) -> Outcome {
     let id = envelope.id.to_string();
     let request = destination
@@ -293,47 +368,18 @@ async fn send(destination: &Destination, envelope: &Envelope, body: Bytes) -> Ou
         .header(headers::HTTP_MESSAGE_ID, &id)
         .body(body);
     match request.send().await {
-        Err(e) => Outcome::Failed {
-            status: None,
-            error: describe(&e),
-        },
+        Err(e) => outcome::transport_error(&e),
         Ok(response) => {
             let status = response.status();
+            let response_headers = response.headers().clone();
             // The body is read either way: on success so the connection returns to the pool,
-            // on failure because the destination's own words are the most useful error text.
-            let text = response.bytes().await.unwrap_or_default();
-            if status.is_success() {
-                Outcome::Delivered {
-                    status: status.as_u16(),
-                }
-            } else {
-                let excerpt = String::from_utf8_lossy(&text[..text.len().min(ERROR_TEXT_LIMIT)]);
-                Outcome::Failed {
-                    status: Some(status.as_u16()),
-                    error: format!("HTTP {status}: {}", excerpt.trim()),
-                }
+            // and because it may hold the verdict (DHIS2) or the destination's own words.
+            match response.bytes().await {
+                Ok(body) => outcome::classify(destination.kind, status, &response_headers, &body),
+                Err(e) => outcome::transport_error(&e),
             }
         }
     }
-}
-
-/// A transport error in words, without the URL's query (which may hold a token).
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else {
-        "request failed"
-    };
-    let mut text = kind.to_owned();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 async fn dead_letter(publisher: &Publisher, delivery: Delivery, reason: &str) {

@@ -1,0 +1,282 @@
+//! Failure handling: retries, dead letters, replay. Every test counts messages end to end:
+//! none lost, each delivered or dead with its reason.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use hiway_tests::{Receiver, TestHiway, eventually};
+use serde_json::json;
+
+use crate::bus::one_route_with;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn ids_at(sink: &Receiver) -> HashSet<String> {
+    sink.received()
+        .iter()
+        .filter_map(|r| r.header("x-hiway-message-id").map(str::to_owned))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_destination_answering_503_for_a_while_gets_every_message_once_it_recovers() {
+    let sink = Receiver::start().await;
+    sink.respond_with(&[(503, "maintenance"); 25]);
+    let app = TestHiway::spawn(&one_route_with(
+        &sink,
+        r#"retry = { schedule = ["100ms", "200ms", "400ms", "800ms", "800ms"], jitter = 0.2 }"#,
+    ))
+    .await;
+
+    let mut ids = HashSet::new();
+    for n in 0..10 {
+        ids.insert(app.post_json("forms", &json!({ "n": n })).await.to_string());
+    }
+
+    eventually("every message delivered", WAIT, || async {
+        ids.is_subset(&ids_at(&sink)).then_some(())
+    })
+    .await;
+    let mut attempts_recorded = 0;
+    for id in &ids {
+        let trail = app
+            .wait_for_trail(id.parse().unwrap(), &["received", "routed", "delivered"])
+            .await;
+        attempts_recorded += trail.iter().filter(|e| e.kind == "attempted").count();
+        let delivered = trail.iter().find(|e| e.kind == "delivered").unwrap();
+        let failed_before = trail.iter().filter(|e| e.kind == "attempted").count() as i32;
+        assert_eq!(
+            delivered.attempt,
+            Some(failed_before + 1),
+            "attempts are counted across retries"
+        );
+    }
+    assert_eq!(attempts_recorded, 25, "every 503 is in a trail");
+    assert!(app.dead_letters("dead").await.is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_400_goes_dead_at_once_with_the_destinations_words_and_replay_delivers_it_after_the_fix()
+{
+    let sink = Receiver::start().await;
+    sink.respond_with(&[(400, r#"{"error":"unknown facility F-999"}"#)]);
+    let app = TestHiway::spawn(&one_route_with(&sink, "")).await;
+
+    let id = app.post_json("forms", &json!({"facility": "F-999"})).await;
+
+    let trail = app.wait_for_trail(id, &["attempted", "dead"]).await;
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "a permanent failure is not retried"
+    );
+    let attempted = trail.iter().find(|e| e.kind == "attempted").unwrap();
+    assert_eq!(attempted.status_code, Some(400));
+    assert!(attempted.detail["retry_in_ms"].is_null());
+    let dead = app.dead_letters("dead").await;
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0];
+    assert_eq!(letter.message_id, Some(id.as_uuid()));
+    assert_eq!(letter.destination.as_deref(), Some("sink"));
+    assert_eq!(letter.last_status_code, Some(400));
+    assert!(
+        letter.reason.contains("unknown facility F-999"),
+        "{}",
+        letter.reason
+    );
+    assert_eq!(letter.attempts.as_array().unwrap().len(), 1);
+    assert_eq!(&letter.body[..], br#"{"facility":"F-999"}"#);
+
+    // The operator fixes the mapping at the destination (the double now answers 200) and replays.
+    let listed = app
+        .hiway(&["dlq", "list", "--destination", "sink", "--status", "400"])
+        .await;
+    assert!(listed.contains(&id.to_string()), "{listed}");
+    let dry = app
+        .hiway(&["dlq", "replay", "--error", "F-999", "--dry-run"])
+        .await;
+    assert!(dry.contains("would replay 1"), "{dry}");
+    assert_eq!(sink.received().len(), 1, "a dry run sends nothing");
+    let out = app.hiway(&["dlq", "replay", &id.to_string()]).await;
+    assert!(out.contains("replayed 1"), "{out}");
+
+    let got = sink.wait_for(2, WAIT).await;
+    assert_eq!(
+        got[1].header("x-hiway-message-id"),
+        Some(id.to_string().as_str()),
+        "same message id"
+    );
+    assert_eq!(&got[1].body[..], &got[0].body[..]);
+    let trail = app
+        .wait_for_trail(id, &["dead", "replayed", "delivered"])
+        .await;
+    let delivered = trail.iter().find(|e| e.kind == "delivered").unwrap();
+    assert_eq!(delivered.attempt, Some(1), "attempts restart on replay");
+    assert!(app.dead_letters("dead").await.is_empty());
+    assert_eq!(app.dead_letters("replayed").await[0].replays, 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dhis2_409_with_conflicts_goes_dead_with_dhis2s_own_conflict_texts() {
+    let dhis2 = Receiver::start().await;
+    let warning = include_str!("../fixtures/dhis2/resp-238-409-warning.json");
+    dhis2.respond_with(&[(409, warning)]);
+    let app = TestHiway::spawn(&one_route_with(&dhis2, r#"kind = "dhis2""#)).await;
+    let data_value_set: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/dhis2/datavalueset.json")).unwrap();
+
+    let id = app.post_json("forms", &data_value_set).await;
+
+    app.wait_for_trail(id, &["attempted", "dead"]).await;
+    let dead = app.dead_letters("dead").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_status_code, Some(409));
+    assert!(dead[0].reason.contains("E7610"), "{}", dead[0].reason);
+    assert!(
+        dead[0]
+            .reason
+            .contains("Data element not found or not accessible"),
+        "{}",
+        dead[0].reason
+    );
+    assert_eq!(
+        dhis2.received().len(),
+        1,
+        "a rejected import is not retried"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_destination_down_longer_than_the_whole_schedule_leaves_every_message_dead_and_a_bulk_replay_delivers_them()
+ {
+    // A destination that is not there at all: nothing listens on its port.
+    let gone = Receiver::start().await;
+    let port = gone.port();
+    let url_holder = gone.url("/");
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.forms]
+clients = ["source"]
+[destinations.sink]
+url = "{url_holder}"
+connect_timeout = "1s"
+retry = {{ schedule = ["100ms", "200ms"] }}
+[routes.r]
+channels = ["forms"]
+destinations = ["sink"]
+"#
+    ))
+    .await;
+
+    let mut ids = HashSet::new();
+    for n in 0..20 {
+        ids.insert(app.post_json("forms", &json!({ "n": n })).await.to_string());
+    }
+
+    let dead = eventually("every message dead", WAIT, || async {
+        let dead = app.dead_letters("dead").await;
+        (dead.len() == 20).then_some(dead)
+    })
+    .await;
+    for letter in &dead {
+        assert!(
+            letter.reason.starts_with("gave up after 3 attempts"),
+            "{}",
+            letter.reason
+        );
+        assert!(
+            letter.reason.contains("could not connect"),
+            "{}",
+            letter.reason
+        );
+        assert_eq!(letter.attempts.as_array().unwrap().len(), 3);
+        assert_eq!(letter.last_status_code, None);
+    }
+    let dead_ids: HashSet<String> = dead
+        .iter()
+        .map(|l| l.message_id.unwrap().to_string())
+        .collect();
+    assert_eq!(dead_ids, ids);
+
+    // The destination comes back; the operator replays everything dead for it.
+    let back = Receiver::start_on(port).await;
+    let out = app
+        .hiway(&["dlq", "replay", "--destination", "sink", "--since", "1h"])
+        .await;
+    assert!(out.contains("replayed 20"), "{out}");
+    eventually("every message delivered", WAIT, || async {
+        ids.is_subset(&ids_at(&back)).then_some(())
+    })
+    .await;
+    assert!(app.dead_letters("dead").await.is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_failing_its_worker_is_dead_lettered_by_the_delivery_limit() {
+    let sink = Receiver::start().await;
+    // No sender runs: this test plays a worker that fails on the message every time.
+    let services = hiway_tests::Services {
+        ingress: true,
+        transformer: true,
+        sender: false,
+        audit: true,
+    };
+    let app = TestHiway::spawn_with_broker_settings(
+        "delivery_limit = 2",
+        &one_route_with(&sink, ""),
+        services,
+    )
+    .await;
+
+    let id = app.post_json("forms", &json!({"poison": true})).await;
+
+    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = app.names().deliver_queue(&"sink".parse().unwrap());
+    let mut crashes = 0;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        let got = channel
+            .basic_get(queue.as_str().into(), Default::default())
+            .await
+            .unwrap();
+        match got {
+            Some(message) => {
+                crashes += 1;
+                message
+                    .delivery
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+            None if !app.dead_letters("dead").await.is_empty() => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let dead = app.dead_letters("dead").await;
+    assert_eq!(dead.len(), 1, "after {crashes} failed deliveries");
+    assert_eq!(dead[0].message_id, Some(id.as_uuid()));
+    assert_eq!(dead[0].dead_by.as_deref(), Some("broker"));
+    assert!(
+        dead[0].reason.contains("delivery_limit"),
+        "{}",
+        dead[0].reason
+    );
+    assert!(
+        (2..=3).contains(&crashes),
+        "dead-lettered after the limit, not before: {crashes}"
+    );
+    let _ = connection.close(200, "".into()).await;
+    app.shutdown().await;
+}
