@@ -104,6 +104,21 @@ pub enum AuditKind {
         /// The dead letter.
         dead_id: Uuid,
     },
+    /// This message's failure opened the destination's circuit: its sender stopped taking
+    /// messages for a cool-down.
+    CircuitOpened {
+        /// The destination.
+        destination: DestinationName,
+        /// Consecutive retryable failures that opened it.
+        failures: u32,
+        /// How long before a probe.
+        cool_down_ms: u64,
+    },
+    /// This message, sent as a probe, was delivered: the circuit is closed again.
+    CircuitClosed {
+        /// The destination.
+        destination: DestinationName,
+    },
     /// The message could not be processed and went to the dead-letter exchange.
     Dead {
         /// The destination, when the message died on its way to one.
@@ -144,6 +159,8 @@ impl AuditEvent {
             AuditKind::Delivered { .. } => "delivered",
             AuditKind::Dead { .. } => "dead",
             AuditKind::Replayed { .. } => "replayed",
+            AuditKind::CircuitOpened { .. } => "circuit_opened",
+            AuditKind::CircuitClosed { .. } => "circuit_closed",
             AuditKind::Discarded { .. } => "discarded",
         }
     }

@@ -384,3 +384,66 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
         app.shutdown().await;
     }
 }
+
+#[tokio::test]
+async fn a_destination_that_keeps_failing_opens_its_circuit_so_messages_wait_and_a_probe_closes_it()
+{
+    let sink = Receiver::start().await;
+    sink.set_default(Some((503, "down")));
+    let app = TestHiway::spawn(&one_route_with(
+        &sink,
+        r#"concurrency = 1
+retry = { schedule = ["1s"], jitter = 0.0 }
+circuit = { failures = 3, cool_down = "700ms" }"#,
+    ))
+    .await;
+    let mut ids = HashSet::new();
+    for n in 0..20 {
+        ids.insert(app.post_json("forms", &json!({ "n": n })).await.to_string());
+    }
+
+    let opened: (uuid::Uuid,) = eventually("the circuit to open", WAIT, || async {
+        sqlx::query_as("select message_id from audit_events where kind = 'circuit_opened'")
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap()
+    })
+    .await;
+    let at_open = sink.arrived();
+    assert_eq!(at_open, 3, "it opened on the third consecutive failure");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let while_open = sink.arrived() - at_open;
+    assert!(
+        (1..=4).contains(&while_open),
+        "while open only probes go out, one per cool-down: {while_open}"
+    );
+    let status = app.hiway(&["status"]).await;
+    assert!(status.contains("open since"), "{status}");
+    let trail = app.trail(opened.0.into()).await;
+    assert!(
+        trail.iter().any(|e| e.kind == "circuit_opened"),
+        "the message that opened it has it in its trail"
+    );
+
+    // The destination recovers: the next probe gets through and the rest follows.
+    sink.set_default(None);
+    eventually("every message delivered", WAIT, || async {
+        ids.is_subset(&ids_at(&sink)).then_some(())
+    })
+    .await;
+    let _closed: (uuid::Uuid,) = eventually(
+        "the probe that got through to close the circuit",
+        WAIT,
+        || async {
+            sqlx::query_as("select message_id from audit_events where kind = 'circuit_closed'")
+                .fetch_optional(&app.pool)
+                .await
+                .unwrap()
+        },
+    )
+    .await;
+    let status = app.hiway(&["status"]).await;
+    assert!(status.contains("closed since"), "{status}");
+    assert!(app.dead_letters("dead").await.is_empty());
+    app.shutdown().await;
+}

@@ -38,6 +38,7 @@ struct Inner {
     arrived: std::sync::atomic::AtomicUsize,
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<(u16, String)>>,
+    default: Mutex<Option<(u16, String)>>,
     delay: Mutex<Duration>,
 }
 
@@ -92,6 +93,12 @@ impl Receiver {
             .extend(answers.iter().map(|(s, b)| (*s, (*b).to_owned())));
     }
 
+    /// Once the script runs out, answer this (instead of 200) until told otherwise; `None`
+    /// goes back to 200.
+    pub fn set_default(&self, answer: Option<(u16, &str)>) {
+        *self.inner.default.lock().expect("lock") = answer.map(|(s, b)| (s, b.to_owned()));
+    }
+
     /// Every answer waits this long first (a slow destination).
     pub fn set_delay(&self, delay: Duration) {
         *self.inner.delay.lock().expect("lock") = delay;
@@ -141,7 +148,12 @@ async fn record(
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let answer = inner.script.lock().expect("lock").pop_front();
+    let answer = inner
+        .script
+        .lock()
+        .expect("lock")
+        .pop_front()
+        .or_else(|| inner.default.lock().expect("lock").clone());
     // Recorded after the delay and the choice of answer: a request counts as received when
     // the destination has decided what to do with it.
     inner.received.lock().expect("lock").push(Received {

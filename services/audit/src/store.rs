@@ -146,6 +146,9 @@ fn columns(kind: &AuditKind) -> Columns {
             Some(*duration_ms as i64),
             None,
         ),
+        AuditKind::CircuitOpened { destination, .. } | AuditKind::CircuitClosed { destination } => {
+            (None, None, s(destination), None, None, None, None, None)
+        }
         AuditKind::Dead { destination, .. }
         | AuditKind::Replayed { destination, .. }
         | AuditKind::Discarded { destination, .. } => (

@@ -283,6 +283,39 @@ pub struct DestinationConfig {
     /// When failed deliveries are tried again.
     #[serde(default)]
     pub retry: RetryConfig,
+    /// When a sender stops sending to a destination that keeps failing.
+    #[serde(default)]
+    pub circuit: CircuitConfig,
+}
+
+/// `[destinations.<name>.circuit]`: the circuit breaker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Consecutive retryable failures after which the sender stops taking this destination's
+    /// messages; 0 never stops.
+    #[serde(default = "default_circuit_failures")]
+    pub failures: u32,
+    /// How long it waits before probing with one message.
+    #[serde(default = "default_cool_down", with = "humantime_serde")]
+    pub cool_down: Duration,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failures: default_circuit_failures(),
+            cool_down: default_cool_down(),
+        }
+    }
+}
+
+fn default_circuit_failures() -> u32 {
+    5
+}
+
+fn default_cool_down() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[destinations.<name>.retry]`: the retry schedule.
@@ -563,6 +596,12 @@ impl Config {
                 err(
                     format!("destinations.{name}.retry.jitter"),
                     "must be at least 0 and below 1".into(),
+                );
+            }
+            if d.circuit.cool_down.is_zero() {
+                err(
+                    format!("destinations.{name}.circuit.cool_down"),
+                    "must be longer than zero".into(),
                 );
             }
             if d.timeout.is_zero() || d.connect_timeout.is_zero() {

@@ -3,6 +3,7 @@
 
 pub mod dlq;
 pub mod sink;
+pub mod status;
 
 use std::future::Future;
 use std::pin::Pin;

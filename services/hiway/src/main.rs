@@ -24,6 +24,8 @@ struct Args {
 enum Command {
     /// Run ingress, transformer, sender and audit in one process.
     Run,
+    /// Show each destination: queued, retrying per wait, dead, consumers, circuit.
+    Status,
     /// Print the audit trail of one message.
     Trace {
         /// The id ingress answered with.
@@ -197,6 +199,15 @@ async fn main() -> anyhow::Result<()> {
                 .context("cannot connect to PostgreSQL")?;
             let trail = hiway_audit::trail(&pool, id).await?;
             print!("{}", hiway::format_trail(&id.to_string(), &trail));
+            Ok(())
+        }
+        Command::Status => {
+            let config = hiway_config::load(args.config.as_deref())?;
+            let pool = hiway_audit::connect_database(&config)
+                .await
+                .context("cannot connect to PostgreSQL")?;
+            let statuses = hiway::status::read(&config, &pool).await?;
+            print!("{}", hiway::status::format(&statuses));
             Ok(())
         }
         Command::Dlq { command } => {

@@ -90,7 +90,7 @@ pub async fn consume_concurrently<H, Fut>(
 ) -> Result<(), lapin::Error>
 where
     H: Fn(Delivery) -> Fut,
-    Fut: Future<Output = ()>,
+    Fut: Future,
 {
     let work = consumer
         .take_until(stop.cancelled())

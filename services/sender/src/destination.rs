@@ -2,7 +2,9 @@
 //! that never change.
 
 use base64::Engine;
-use hiway_config::{DestinationAuth, DestinationConfig, DestinationKind, RetryConfig};
+use hiway_config::{
+    CircuitConfig, DestinationAuth, DestinationConfig, DestinationKind, RetryConfig,
+};
 use hiway_proto::DestinationName;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, Url};
@@ -59,6 +61,8 @@ pub struct Destination {
     pub kind: DestinationKind,
     /// When failed deliveries are tried again.
     pub retry: RetryConfig,
+    /// When to stop sending to it.
+    pub circuit: CircuitConfig,
 }
 
 impl Destination {
@@ -130,6 +134,7 @@ impl Destination {
             prefetch: config.effective_prefetch(),
             kind: config.kind,
             retry: config.retry.clone(),
+            circuit: config.circuit.clone(),
         })
     }
 }

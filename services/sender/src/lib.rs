@@ -14,6 +14,7 @@
 //! A failed delivery is never acked as delivered, and nothing is acked before its next home
 //! has confirmed it.
 
+mod circuit;
 mod destination;
 mod dhis2;
 pub mod outcome;
@@ -31,11 +32,12 @@ use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Broker, Publisher};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
 use reqwest::header::CONTENT_TYPE;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use circuit::Breaker;
 pub use destination::{Destination, DestinationError};
 use outcome::Outcome;
 
@@ -110,31 +112,92 @@ async fn session(
     conn: &Connection,
     stop: &CancellationToken,
 ) -> Result<(), lapin::Error> {
-    let names = broker.names();
     let publisher = broker.publisher(conn).await?;
-    let mut workers = Vec::new();
-    for destination in &sender.destinations {
-        let queue = names.deliver_queue(&destination.name);
+    let workers = sender
+        .destinations
+        .iter()
+        .map(|destination| serve(broker, conn, &publisher, destination, sender.drain, stop));
+    try_join_all(workers).await.map(|_| ())
+}
+
+/// Serves one destination: consumes while its circuit is closed; when it trips, lets go of
+/// its messages, waits the cool-down and probes with one message until one is delivered.
+async fn serve(
+    broker: &Broker,
+    conn: &Connection,
+    publisher: &Publisher,
+    destination: &Destination,
+    drain: Duration,
+    stop: &CancellationToken,
+) -> Result<(), lapin::Error> {
+    let names = broker.names();
+    let queue = names.deliver_queue(&destination.name);
+    let breaker = Breaker::new(destination.circuit.failures);
+    loop {
+        // Closed: consume. The round ends on stop or when the breaker trips.
+        let round = stop.child_token();
+        breaker.arm(round.clone());
         // Prefetch covers the requests in flight plus a small buffer, so the next one starts
         // as soon as a slot frees; more would only sit unacked, redelivered after a crash.
         let (channel, consumer) = broker
             .consumer(conn, &queue, "hiway-sender", destination.prefetch)
             .await?;
         tracing::info!(%queue, concurrency = destination.concurrency, prefetch = destination.prefetch, "sender consuming");
-        let publisher = &publisher;
-        workers.push(async move {
-            let _channel = channel; // kept open for as long as its consumer runs
-            consume_concurrently(
-                consumer,
-                destination.concurrency,
-                stop,
-                sender.drain,
-                |delivery| deliver(destination, publisher, names, delivery),
-            )
-            .await
-        });
+        consume_concurrently(
+            consumer,
+            destination.concurrency,
+            &round,
+            drain,
+            |delivery| deliver(destination, publisher, names, &breaker, delivery),
+        )
+        .await?;
+        // Closing the channel returns the messages it was holding, unstarted, to the queue:
+        // they wait there rather than fail against a destination that is down.
+        let _ = channel.close(200, "circuit open or stopping".into()).await;
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+
+        // Open: wait, then probe with a single message until one gets through.
+        tracing::warn!(destination = %destination.name, cool_down = ?destination.circuit.cool_down, "circuit open: not sending");
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(destination.circuit.cool_down) => {}
+            }
+            let probe_channel = conn.create_channel().await?;
+            let got = probe_channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?;
+            let Some(message) = got else {
+                // Nothing to probe with: the circuit stays open until a message arrives.
+                let _ = probe_channel.close(200, "nothing to probe".into()).await;
+                continue;
+            };
+            let id = Envelope::from_properties(&message.delivery.properties)
+                .ok()
+                .map(|e| e.id);
+            let delivered =
+                deliver(destination, publisher, names, &breaker, message.delivery).await;
+            let _ = probe_channel.close(200, "probed".into()).await;
+            if delivered {
+                tracing::info!(destination = %destination.name, "probe delivered: circuit closed");
+                if let Some(id) = id {
+                    let event = AuditEvent::now(
+                        id,
+                        SERVICE,
+                        AuditKind::CircuitClosed {
+                            destination: destination.name.clone(),
+                        },
+                    );
+                    if let Err(error) = publisher.publish_audit(&[event]).await {
+                        tracing::warn!(%error, "could not record that the circuit closed");
+                    }
+                }
+                break;
+            }
+        }
     }
-    try_join_all(workers).await.map(|_| ())
 }
 
 /// What a session needs besides the connection.
@@ -145,18 +208,20 @@ struct Settings {
 
 /// Delivers one message and settles it: ack once its outcome is durable (delivered and
 /// recorded, scheduled for retry, or dead), nack with requeue if that could not be made
-/// durable.
+/// durable. Returns whether the message was delivered.
 async fn deliver(
     destination: &Destination,
     publisher: &Publisher,
     names: &Names,
+    breaker: &Breaker,
     delivery: Delivery,
-) {
+) -> bool {
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, destination = %destination.name, "dead-lettering a message whose envelope cannot be read");
-            return dead_letter(publisher, delivery, &error.to_string()).await;
+            dead_letter(publisher, delivery, &error.to_string()).await;
+            return false;
         }
     };
     let attempt = envelope.attempt + 1;
@@ -183,6 +248,21 @@ async fn deliver(
         if let Some(status) = outcome.status() {
             tracing::Span::current().record("status", status);
         }
+        let delivered = matches!(outcome, Outcome::Delivered { .. });
+        let permanent = matches!(outcome, Outcome::Permanent { .. });
+        // Recorded in this message's trail when its failure is the one that opened the circuit.
+        let tripped = breaker.record(&outcome).map(|failures| {
+            tracing::warn!(failures, "circuit opened");
+            AuditEvent::now(
+                envelope.id,
+                SERVICE,
+                AuditKind::CircuitOpened {
+                    destination: destination.name.clone(),
+                    failures,
+                    cool_down_ms: destination.circuit.cool_down.as_millis() as u64,
+                },
+            )
+        });
 
         let durable = match outcome {
             Outcome::Delivered { status } => {
@@ -206,7 +286,7 @@ async fn deliver(
             } if attempt < destination.retry.max_attempts() => {
                 let delay = retry::next_delay(&destination.retry.schedule, attempt, retry_after);
                 let wait = retry::jittered(delay, destination.retry.jitter);
-                tracing::info!(%error, retry_in = ?wait, "delivery failed; retrying later");
+                tracing::info!(status, retry_in = ?wait, "delivery failed; retrying later");
                 let props = retry::next_properties(&properties, &envelope, attempt, status, &error)
                     .with_expiration(wait.as_millis().to_string().into());
                 let event = attempted(
@@ -220,96 +300,51 @@ async fn deliver(
                 );
                 let exchange = names.retry_exchange();
                 let key = names.retry_key(&destination.name, delay);
-                let events = [event];
+                let events: Vec<_> = std::iter::once(event).chain(tripped).collect();
                 tokio::try_join!(
                     publisher.publish(&exchange, &key, &body, props),
                     publisher.publish_audit(&events),
                 )
                 .map(|_| ())
             }
-            Outcome::Retry { status, error, .. } => {
-                let reason = format!("gave up after {attempt} attempts; last: {error}");
-                let dead = Dead {
-                    routing_key: routing_key.as_str(),
-                    body: &body,
-                    properties: &properties,
+            Outcome::Retry { status, error, .. } | Outcome::Permanent { status, error } => {
+                let reason = if permanent {
+                    format!("permanent failure: {error}")
+                } else {
+                    format!("gave up after {attempt} attempts; last: {error}")
                 };
-                go_dead(
-                    publisher,
-                    destination,
+                // The status, not the reason: the destination's answer may echo the payload,
+                // and payloads never go into logs. The reason is in the dead letter.
+                tracing::warn!(status, permanent, "delivery failed; the message is dead");
+                let props = retry::next_properties(&properties, &envelope, attempt, status, &error);
+                let last = attempted(
                     &envelope,
-                    dead,
+                    destination,
                     attempt,
                     status,
                     duration_ms,
                     error,
-                    reason,
+                    None,
+                );
+                let events: Vec<_> = std::iter::once(last).chain(tripped).collect();
+                tokio::try_join!(
+                    publisher.publish_dead_parts(
+                        routing_key.as_str(),
+                        &body,
+                        props,
+                        &reason,
+                        SERVICE
+                    ),
+                    publisher.publish_audit(&events),
                 )
-                .await
-            }
-            Outcome::Permanent { status, error } => {
-                let reason = format!("permanent failure: {error}");
-                let dead = Dead {
-                    routing_key: routing_key.as_str(),
-                    body: &body,
-                    properties: &properties,
-                };
-                go_dead(
-                    publisher,
-                    destination,
-                    &envelope,
-                    dead,
-                    attempt,
-                    status,
-                    duration_ms,
-                    error,
-                    reason,
-                )
-                .await
+                .map(|_| ())
             }
         };
         settle(&acker, durable).await;
+        delivered
     }
     .instrument(span)
     .await
-}
-
-/// The message being dead-lettered, as it arrived.
-struct Dead<'a> {
-    routing_key: &'a str,
-    body: &'a [u8],
-    properties: &'a lapin::BasicProperties,
-}
-
-/// Sends the message dead, with every attempt in its headers, and records this last attempt.
-#[allow(clippy::too_many_arguments)] // each is one fact of the attempt; a struct would only rename them
-async fn go_dead(
-    publisher: &Publisher,
-    destination: &Destination,
-    envelope: &Envelope,
-    dead: Dead<'_>,
-    attempt: u32,
-    status: Option<u16>,
-    duration_ms: u64,
-    error: String,
-    reason: String,
-) -> Result<(), hiway_runtime::PublishError> {
-    tracing::warn!(%reason, "delivery failed; the message is dead");
-    let props = retry::next_properties(dead.properties, envelope, attempt, status, &error);
-    let events = [attempted(
-        envelope,
-        destination,
-        attempt,
-        status,
-        duration_ms,
-        error,
-        None,
-    )];
-    tokio::try_join!(
-        publisher.publish_dead_parts(dead.routing_key, dead.body, props, &reason, SERVICE),
-        publisher.publish_audit(&events),
-    )
-    .map(|_| ())
 }
 
 fn attempted(

@@ -1,0 +1,111 @@
+//! The circuit breaker of one destination in one sender process.
+//!
+//! Closed, it counts consecutive retryable failures (a delivery resets the count; a permanent
+//! failure leaves it, since the destination did answer). When the count reaches the threshold
+//! it trips: the consumer stops, and the destination's messages wait in its queue instead of
+//! each burning an attempt against a destination that is down.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::outcome::Outcome;
+
+/// Counts failures and trips.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    consecutive: AtomicU32,
+    trip: Mutex<CancellationToken>,
+}
+
+impl Breaker {
+    /// A closed breaker that trips after `threshold` consecutive retryable failures (never,
+    /// for 0).
+    pub fn new(threshold: u32) -> Self {
+        Self {
+            threshold,
+            consecutive: AtomicU32::new(0),
+            trip: Mutex::new(CancellationToken::new()),
+        }
+    }
+
+    /// Closes the breaker for a new round; the token is cancelled when it trips.
+    pub fn arm(&self, trip: CancellationToken) {
+        self.consecutive.store(0, Ordering::SeqCst);
+        *self.trip.lock().unwrap_or_else(|e| e.into_inner()) = trip;
+    }
+
+    /// Counts an outcome. Returns the failure count if this outcome tripped the breaker.
+    pub fn record(&self, outcome: &Outcome) -> Option<u32> {
+        match outcome {
+            Outcome::Delivered { .. } => {
+                self.consecutive.store(0, Ordering::SeqCst);
+                None
+            }
+            Outcome::Permanent { .. } => None,
+            Outcome::Retry { .. } => {
+                let n = self.consecutive.fetch_add(1, Ordering::SeqCst) + 1;
+                if self.threshold > 0 && n == self.threshold {
+                    self.trip.lock().unwrap_or_else(|e| e.into_inner()).cancel();
+                    Some(n)
+                } else {
+                    None
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry() -> Outcome {
+        Outcome::Retry {
+            status: Some(503),
+            error: "down".into(),
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn it_trips_once_on_the_threshold_failure_and_not_before() {
+        let breaker = Breaker::new(3);
+        let trip = CancellationToken::new();
+        breaker.arm(trip.clone());
+        assert_eq!(breaker.record(&retry()), None);
+        assert_eq!(breaker.record(&retry()), None);
+        assert!(!trip.is_cancelled());
+        assert_eq!(breaker.record(&retry()), Some(3));
+        assert!(trip.is_cancelled());
+        assert_eq!(breaker.record(&retry()), None, "it reports the trip once");
+    }
+
+    #[test]
+    fn a_delivery_resets_the_count_and_a_permanent_failure_does_not_count() {
+        let breaker = Breaker::new(2);
+        let trip = CancellationToken::new();
+        breaker.arm(trip.clone());
+        breaker.record(&retry());
+        breaker.record(&Outcome::Delivered { status: 200 });
+        breaker.record(&retry());
+        breaker.record(&Outcome::Permanent {
+            status: Some(400),
+            error: "bad".into(),
+        });
+        assert!(!trip.is_cancelled());
+    }
+
+    #[test]
+    fn a_threshold_of_zero_never_trips() {
+        let breaker = Breaker::new(0);
+        let trip = CancellationToken::new();
+        breaker.arm(trip.clone());
+        for _ in 0..100 {
+            breaker.record(&retry());
+        }
+        assert!(!trip.is_cancelled());
+    }
+}
