@@ -24,7 +24,8 @@ async fn a_destination_answering_503_for_a_while_gets_every_message_once_it_reco
     sink.respond_with(&[(503, "maintenance"); 25]);
     let app = TestHiway::spawn(&one_route_with(
         &sink,
-        r#"retry = { schedule = ["100ms", "200ms", "400ms", "800ms", "800ms"], jitter = 0.2 }"#,
+        r#"retry = { schedule = ["100ms", "200ms", "400ms", "800ms", "800ms"], jitter = 0.2 }
+circuit = { failures = 5, cool_down = "200ms" }"#,
     ))
     .await;
 
@@ -166,6 +167,7 @@ clients = ["source"]
 url = "{url_holder}"
 connect_timeout = "1s"
 retry = {{ schedule = ["100ms", "200ms"] }}
+circuit = {{ failures = 5, cool_down = "100ms" }}
 [routes.r]
 channels = ["forms"]
 destinations = ["sink"]
@@ -446,4 +448,124 @@ circuit = { failures = 3, cool_down = "700ms" }"#,
     assert!(status.contains("closed since"), "{status}");
     assert!(app.dead_letters("dead").await.is_empty());
     app.shutdown().await;
+}
+
+#[tokio::test]
+async fn when_postgresql_is_stopped_during_a_load_the_trail_and_dead_letters_catch_up_when_it_returns()
+ {
+    let pg = tokio::task::spawn_blocking(|| {
+        hiway_tests::pg_node::PgNode::start("hiway-e2e-outage", 5697)
+    })
+    .await
+    .unwrap();
+    let sink = Receiver::start().await;
+    let broken = Receiver::start().await;
+    broken.set_default(Some((422, r#"{"error":"unprocessable"}"#)));
+    let app = TestHiway::spawn_on_database(
+        &pg.url(),
+        &format!(
+            r#"
+[channels.forms]
+clients = ["source"]
+[channels.bad]
+clients = ["source"]
+[channels.keyed]
+clients = ["source"]
+idempotency = {{ window = "1h" }}
+[destinations.sink]
+url = "{}"
+[destinations.broken]
+url = "{}"
+[routes.good]
+channels = ["forms", "keyed"]
+destinations = ["sink"]
+[routes.bad]
+channels = ["bad"]
+destinations = ["broken"]
+"#,
+            sink.url("/"),
+            broken.url("/")
+        ),
+        hiway_tests::Services::ALL,
+    )
+    .await;
+
+    let mut delivered_ids = Vec::new();
+    let mut dead_ids = Vec::new();
+    for n in 0..30 {
+        delivered_ids.push(app.post_json("forms", &json!({ "n": n })).await);
+    }
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.stop();
+        pg
+    })
+    .await
+    .unwrap();
+
+    // The database is gone: messages still flow (delivery does not need it) ...
+    for n in 30..100 {
+        delivered_ids.push(app.post_json("forms", &json!({ "n": n })).await);
+    }
+    for n in 0..10 {
+        dead_ids.push(app.post_json("bad", &json!({ "n": n })).await);
+    }
+    // ... but a channel that checks duplicates refuses rather than risk one.
+    let refused = app
+        .request("keyed")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let ids: HashSet<String> = delivered_ids.iter().map(ToString::to_string).collect();
+    eventually("deliveries during the outage", WAIT, || async {
+        ids.is_subset(&ids_at(&sink)).then_some(())
+    })
+    .await;
+    broken.wait_for(10, WAIT).await;
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.restart();
+        pg
+    })
+    .await
+    .unwrap();
+
+    // Nothing is missing once it is back: every trail complete, every dead letter stored.
+    for id in &delivered_ids {
+        app.wait_for_trail(*id, &["received", "routed", "delivered"])
+            .await;
+    }
+    let dead = eventually("the dead letters stored", WAIT, || async {
+        let dead = app.dead_letters("dead").await;
+        (dead.len() == dead_ids.len()).then_some(dead)
+    })
+    .await;
+    let stored: HashSet<_> = dead.iter().map(|l| l.message_id.unwrap()).collect();
+    assert_eq!(
+        stored,
+        dead_ids
+            .iter()
+            .map(|id| id.as_uuid())
+            .collect::<HashSet<_>>()
+    );
+    for id in &dead_ids {
+        app.wait_for_trail(*id, &["received", "routed", "attempted", "dead"])
+            .await;
+    }
+    // And the channel that refused accepts again.
+    let accepted = app
+        .request("keyed")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "k1")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    app.shutdown().await;
+    drop(pg);
 }

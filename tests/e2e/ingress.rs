@@ -267,3 +267,90 @@ async fn ingress_answers_503_with_retry_after_while_the_broker_is_down_or_blocki
     app.shutdown().await;
     drop(node);
 }
+
+const IDEMPOTENT: &str = r#"
+[channels.forms]
+clients = ["source"]
+idempotency = { window = "1h" }
+[channels.commcare]
+clients = ["source"]
+idempotency = { window = "1h", json_pointer = "/id" }
+[channels.short]
+clients = ["source"]
+idempotency = { window = "1s" }
+[destinations.sink]
+url = "http://127.0.0.1:9/"
+[routes.r]
+channels = ["forms", "commcare", "short"]
+destinations = ["sink"]
+"#;
+
+async fn post_with_key(app: &TestHiway, channel: &str, key: &str, body: &str) -> (String, bool) {
+    let response = app
+        .request(channel)
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let replayed = response.headers().get("idempotent-replayed").is_some();
+    let answer: serde_json::Value = response.json().await.unwrap();
+    (answer["id"].as_str().unwrap().to_owned(), replayed)
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_gets_the_first_id_back_and_publishes_nothing_again() {
+    let app = TestHiway::spawn_with(IDEMPOTENT, INGRESS_ONLY).await;
+    let queue = app.names().ingress_queue();
+
+    let (first, replayed_first) = post_with_key(&app, "forms", "visit-42", r#"{"v":1}"#).await;
+    let (again, replayed_again) = post_with_key(&app, "forms", "visit-42", r#"{"v":1}"#).await;
+    let (other, _) = post_with_key(&app, "forms", "visit-43", r#"{"v":1}"#).await;
+
+    assert_eq!(first, again);
+    assert!(
+        !replayed_first && replayed_again,
+        "only the repeat says it was a replay"
+    );
+    assert_ne!(first, other, "another key is another message");
+    hiway_tests::eventually("two messages published", Duration::from_secs(5), || async {
+        (app.queue_depth(&queue).await == 2).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_commcare_form_forwarded_twice_is_accepted_once_by_its_form_id() {
+    let app = TestHiway::spawn_with(IDEMPOTENT, INGRESS_ONLY).await;
+    let form: serde_json::Value =
+        serde_json::from_str(include_str!("../fixtures/commcare/form-forward-json.json")).unwrap();
+
+    let first = app.post_json("commcare", &form).await;
+    let again = app.post_json("commcare", &form).await;
+    let mut edited = form.clone();
+    edited["id"] = "another-form-id".into();
+    let other = app.post_json("commcare", &edited).await;
+
+    assert_eq!(first, again);
+    assert_ne!(first, other);
+    let queue = app.names().ingress_queue();
+    hiway_tests::eventually("two messages published", Duration::from_secs(5), || async {
+        (app.queue_depth(&queue).await == 2).then_some(())
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_key_is_forgotten_after_its_window() {
+    let app = TestHiway::spawn_with(IDEMPOTENT, INGRESS_ONLY).await;
+    let (first, _) = post_with_key(&app, "short", "k", "{}").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (later, replayed) = post_with_key(&app, "short", "k", "{}").await;
+    assert_ne!(first, later);
+    assert!(!replayed);
+    app.shutdown().await;
+}

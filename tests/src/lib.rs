@@ -9,6 +9,7 @@
 //! (defaults: the ones `deploy/deps.sh` sets up). A missing one fails the test; it is never
 //! skipped.
 
+pub mod pg_node;
 pub mod rabbit_node;
 mod receiver;
 
@@ -88,6 +89,7 @@ pub struct TestHiway {
     /// An HTTP client for talking to ingress.
     pub http: reqwest::Client,
     database: String,
+    database_admin_url: String,
     services: Vec<(&'static str, CancellationToken, JoinHandle<()>)>,
     processes: Vec<Child>,
 }
@@ -106,7 +108,7 @@ impl TestHiway {
 
     /// Starts the chosen services against the broker at `amqp_url`.
     pub async fn spawn_on(amqp_url: &str, entries: &str, services: Services) -> Self {
-        Self::spawn_full(amqp_url, "", entries, services).await
+        Self::spawn_full(amqp_url, &database_url(), "", entries, services).await
     }
 
     /// Starts the chosen services with extra `[broker]` settings (TOML lines).
@@ -115,11 +117,28 @@ impl TestHiway {
         entries: &str,
         services: Services,
     ) -> Self {
-        Self::spawn_full(&amqp_url(), broker_settings, entries, services).await
+        Self::spawn_full(
+            &amqp_url(),
+            &database_url(),
+            broker_settings,
+            entries,
+            services,
+        )
+        .await
+    }
+
+    /// Starts the chosen services with a database made on the server at `database_admin_url`.
+    pub async fn spawn_on_database(
+        database_admin_url: &str,
+        entries: &str,
+        services: Services,
+    ) -> Self {
+        Self::spawn_full(&amqp_url(), database_admin_url, "", entries, services).await
     }
 
     async fn spawn_full(
         amqp_url: &str,
+        database_admin_url: &str,
         broker_settings: &str,
         entries: &str,
         services: Services,
@@ -128,7 +147,7 @@ impl TestHiway {
         let suffix = uuid::Uuid::now_v7().simple().to_string();
         let prefix = format!("t{}", &suffix[suffix.len() - 12..]);
         let database = format!("hiway_{prefix}");
-        let database_url = create_database(&database).await;
+        let database_url = create_database(database_admin_url, &database).await;
         let toml = format!(
             r#"
 [broker]
@@ -187,6 +206,7 @@ api_key_sha256 = "{}"
                 .build()
                 .expect("client"),
             database,
+            database_admin_url: database_admin_url.to_owned(),
             services: Vec::new(),
             processes: Vec::new(),
         };
@@ -474,7 +494,7 @@ api_key_sha256 = "{}"
             }
             let _ = connection.close(200, "".into()).await;
         }
-        if let Ok(mut admin) = PgConnection::connect(&database_url()).await {
+        if let Ok(mut admin) = PgConnection::connect(&self.database_admin_url).await {
             let _ = // The name is made by this harness from a UUID, never from input.
             sqlx::raw_sql(AssertSqlSafe(format!("drop database if exists {} with (force)", self.database)))
                 .execute(&mut admin)
@@ -494,9 +514,8 @@ impl Drop for TestHiway {
     }
 }
 
-async fn create_database(name: &str) -> String {
-    let admin_url = database_url();
-    let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+async fn create_database(admin_url: &str, name: &str) -> String {
+    let mut admin = PgConnection::connect(admin_url).await.unwrap_or_else(|e| {
         panic!("cannot reach PostgreSQL at HIWAY_TEST_DATABASE_URL (run deploy/deps.sh): {e}")
     });
     // The name is made by this harness from a UUID, never from input.
@@ -504,7 +523,7 @@ async fn create_database(name: &str) -> String {
         .execute(&mut admin)
         .await
         .expect("create the test database");
-    let mut url = url::Url::parse(&admin_url).expect("database URL");
+    let mut url = url::Url::parse(admin_url).expect("database URL");
     url.set_path(name);
     url.to_string()
 }

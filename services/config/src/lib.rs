@@ -221,6 +221,35 @@ pub struct ChannelConfig {
     /// Largest accepted body.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Duplicate detection; off when absent.
+    pub idempotency: Option<IdempotencyConfig>,
+}
+
+/// `[channels.<name>.idempotency]`: a repeated key within the window gets the first message's
+/// id back, and nothing is published again.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencyConfig {
+    /// How long a key is remembered.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Where the key is in a JSON body (RFC 6901 pointer, e.g. "/id" for a CommCare form), used
+    /// when the request has no `Idempotency-Key` header.
+    pub json_pointer: Option<String>,
+    /// What to do when the key store (PostgreSQL) cannot be reached.
+    #[serde(default)]
+    pub on_store_error: OnStoreError,
+}
+
+/// What ingress does when it cannot check a key.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreError {
+    /// Answer 503 with Retry-After: no duplicate can slip through; the source retries.
+    #[default]
+    Reject,
+    /// Accept without checking: nothing waits, but a duplicate may get through.
+    Accept,
 }
 
 fn default_content_types() -> Vec<String> {
@@ -552,6 +581,22 @@ impl Config {
                     format!("channels.{name}.content_types"),
                     "must name at least one".into(),
                 );
+            }
+            if let Some(i) = &channel.idempotency {
+                if i.window.is_zero() {
+                    err(
+                        format!("channels.{name}.idempotency.window"),
+                        "must be longer than zero".into(),
+                    );
+                }
+                if let Some(p) = &i.json_pointer
+                    && !p.starts_with('/')
+                {
+                    err(
+                        format!("channels.{name}.idempotency.json_pointer"),
+                        format!("{p:?} is not a JSON pointer: it starts with '/', e.g. \"/id\""),
+                    );
+                }
             }
             if channel.max_body_bytes == 0 {
                 err(

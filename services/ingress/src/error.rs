@@ -53,9 +53,21 @@ pub enum IngressError {
     /// 400: the body could not be read.
     #[error("the request body could not be read: {0}")]
     BadBody(String),
+    /// 409: another request with the same idempotency key is being accepted right now.
+    #[error("a request with idempotency key {0:?} is being accepted right now; retry shortly")]
+    KeyInUse(String, u32),
+    /// 400: the idempotency key is unusable.
+    #[error("the idempotency key is longer than {0} characters")]
+    KeyTooLong(usize),
     /// 503: the broker is unreachable, blocked, or did not confirm; the source should retry.
     #[error("the message was not accepted because the broker is unavailable ({0}); retry later")]
     Unavailable(String, u32),
+    /// 503: the idempotency key store is unreachable and the channel refuses to accept
+    /// without checking.
+    #[error(
+        "the message was not accepted because duplicates cannot be checked right now; retry later"
+    )]
+    StoreUnavailable(u32),
 }
 
 #[derive(Serialize)]
@@ -87,6 +99,12 @@ impl IngressError {
             Self::MalformedJson { .. } => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::BadBody(_) => (StatusCode::BAD_REQUEST, "unreadable_body"),
             Self::Unavailable(..) => (StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable"),
+            Self::KeyInUse(..) => (StatusCode::CONFLICT, "idempotency_key_in_use"),
+            Self::KeyTooLong(_) => (StatusCode::BAD_REQUEST, "idempotency_key_too_long"),
+            Self::StoreUnavailable(..) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "idempotency_store_unavailable",
+            ),
         }
     }
 }
@@ -115,7 +133,9 @@ impl IntoResponse for IngressError {
         };
         let mut response = (status, axum::Json(body)).into_response();
         match &self {
-            Self::Unavailable(_, retry_after) => {
+            Self::Unavailable(_, retry_after)
+            | Self::KeyInUse(_, retry_after)
+            | Self::StoreUnavailable(retry_after) => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));

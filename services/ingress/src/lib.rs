@@ -10,6 +10,7 @@
 
 pub mod auth;
 mod error;
+pub mod idempotency;
 mod link;
 mod routes;
 
@@ -45,6 +46,12 @@ pub enum Error {
     /// The broker could not be reached or the topology not declared.
     #[error("cannot connect to the broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// PostgreSQL (the idempotency key store) could not be reached or migrated.
+    #[error("cannot prepare the idempotency key store: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     /// The server failed while running.
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
@@ -58,6 +65,7 @@ pub(crate) struct AppState {
     names: Names,
     link: link::Link,
     retry_after: u32,
+    keys: Option<idempotency::KeyStore>,
 }
 
 /// Ingress, built and ready to run.
@@ -67,6 +75,8 @@ pub struct Ingress {
     broker: Broker,
     connection: Connection,
     link: link::Link,
+    keys: Option<idempotency::KeyStore>,
+    purge: Vec<(ChannelName, std::time::Duration)>,
 }
 
 /// Binds the listener and connects to the broker. Fails if either is impossible, so a
@@ -81,12 +91,35 @@ pub async fn build(config: &Config) -> Result<Ingress, Error> {
             source,
         })?;
     let link = link::Link::default();
+    // Only channels with duplicate detection need the database; without them ingress runs on
+    // the broker alone.
+    let keys = if config.channels.values().any(|c| c.idempotency.is_some()) {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(config.database.max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(2))
+            .connect(config.database.url.expose())
+            .await?;
+        idempotency::MIGRATOR.run(&pool).await?;
+        // A claim pending for longer than a publish may take belongs to a request that died.
+        Some(idempotency::KeyStore::new(
+            pool,
+            config.broker.publish_timeout * 2,
+        ))
+    } else {
+        None
+    };
+    let purge: Vec<_> = config
+        .channels
+        .iter()
+        .filter_map(|(name, c)| c.idempotency.as_ref().map(|i| (name.clone(), i.window)))
+        .collect();
     let state = AppState {
         clients: Arc::new(auth::Clients::from_config(config)),
         channels: Arc::new(config.channels.clone().into_iter().collect()),
         names: config.names(),
         link: link.clone(),
         retry_after: config.ingress.retry_after_seconds,
+        keys: keys.clone(),
     };
     Ok(Ingress {
         listener,
@@ -94,6 +127,8 @@ pub async fn build(config: &Config) -> Result<Ingress, Error> {
         broker,
         connection,
         link,
+        keys,
+        purge,
     })
 }
 
@@ -135,6 +170,9 @@ impl Ingress {
             self.connection,
             link_stop.clone(),
         ));
+        if let Some(keys) = self.keys.clone() {
+            tokio::spawn(purge_keys(keys, self.purge.clone(), link_stop.clone()));
+        }
         tracing::info!(%addr, "ingress listening");
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(stop.cancelled_owned())
@@ -144,5 +182,24 @@ impl Ingress {
         let _ = supervisor.await;
         tracing::info!("ingress stopped");
         served.map_err(Error::Serve)
+    }
+}
+
+/// Forgets expired idempotency keys every few minutes, so the table holds one window's worth.
+async fn purge_keys(
+    keys: idempotency::KeyStore,
+    channels: Vec<(ChannelName, std::time::Duration)>,
+    stop: CancellationToken,
+) {
+    loop {
+        for (channel, window) in &channels {
+            if let Err(error) = keys.purge(channel, *window).await {
+                tracing::warn!(%error, %channel, "could not purge expired idempotency keys");
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(300)) => {}
+        }
     }
 }

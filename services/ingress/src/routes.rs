@@ -3,8 +3,9 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hiway_config::OnStoreError;
 use hiway_proto::names::INGRESS_KEY;
 use hiway_proto::{ChannelName, Envelope, headers};
 use serde::Serialize;
@@ -12,6 +13,7 @@ use tracing::Instrument;
 
 use crate::AppState;
 use crate::error::IngressError;
+use crate::idempotency::{Claim, KeyStore, MAX_KEY_LEN};
 use crate::link::Unavailable;
 
 /// The answer to an accepted message.
@@ -27,7 +29,7 @@ pub async fn post_message(
     Path(channel): Path<String>,
     request_headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Accepted>), IngressError> {
+) -> Result<Response, IngressError> {
     // Credentials first: an unauthenticated caller learns nothing, not even which channels
     // exist.
     let client = state.clients.authenticate(&request_headers)?;
@@ -105,6 +107,45 @@ pub async fn post_message(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
     let id = envelope.id;
+
+    // Duplicate detection, for channels that ask for it.
+    let mut claim: Option<(&KeyStore, String)> = None;
+    if let (Some(settings), Some(store)) = (&config.idempotency, &state.keys)
+        && let Some(key) =
+            idempotency_key(&request_headers, settings.json_pointer.as_deref(), &bytes)?
+    {
+        match store
+            .claim(&envelope.channel, &key, id, settings.window)
+            .await
+        {
+            Ok(Claim::New) => claim = Some((store, key)),
+            Ok(Claim::Duplicate(first)) => {
+                tracing::debug!(message_id = %first, channel = %envelope.channel, "duplicate key: answering with the first message's id");
+                let mut response = (
+                    StatusCode::ACCEPTED,
+                    Json(Accepted {
+                        id: first.to_string(),
+                    }),
+                )
+                    .into_response();
+                response
+                    .headers_mut()
+                    .insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Ok(Claim::InProgress) => return Err(IngressError::KeyInUse(key, state.retry_after)),
+            Err(error) => match settings.on_store_error {
+                OnStoreError::Reject => {
+                    tracing::warn!(%error, "idempotency store unavailable: answering 503");
+                    return Err(IngressError::StoreUnavailable(state.retry_after));
+                }
+                OnStoreError::Accept => {
+                    tracing::warn!(%error, "idempotency store unavailable: accepting without the duplicate check");
+                }
+            },
+        }
+    }
+
     let span = tracing::info_span!(
         "ingress.accept",
         message_id = %id,
@@ -112,7 +153,7 @@ pub async fn post_message(
         client = %envelope.client,
         size = bytes.len()
     );
-    publisher
+    let published = publisher
         .publish(
             &state.names.ingress_exchange(),
             INGRESS_KEY,
@@ -120,9 +161,54 @@ pub async fn post_message(
             envelope.to_properties(),
         )
         .instrument(span)
-        .await
-        .map_err(|e| IngressError::Unavailable(e.to_string(), state.retry_after))?;
-    Ok((StatusCode::ACCEPTED, Json(Accepted { id: id.to_string() })))
+        .await;
+    match (published, claim) {
+        (Ok(()), Some((store, key))) => {
+            if let Err(error) = store.accept(&envelope.channel, &key, id).await {
+                // The message is accepted all the same; the claim stays pending and goes
+                // stale, after which a retry with this key would be accepted again.
+                tracing::warn!(%error, "could not mark the idempotency key accepted");
+            }
+        }
+        (Ok(()), None) => {}
+        (Err(error), claim) => {
+            if let Some((store, key)) = claim {
+                let _ = store.release(&envelope.channel, &key, id).await;
+            }
+            return Err(IngressError::Unavailable(
+                error.to_string(),
+                state.retry_after,
+            ));
+        }
+    }
+    Ok((StatusCode::ACCEPTED, Json(Accepted { id: id.to_string() })).into_response())
+}
+
+/// The request's idempotency key: its `Idempotency-Key` header or, without one, the JSON value
+/// at `pointer`. `None` when it has neither (it is accepted without the duplicate check).
+fn idempotency_key(
+    request_headers: &HeaderMap,
+    pointer: Option<&str>,
+    body: &[u8],
+) -> Result<Option<String>, IngressError> {
+    let key = match request_headers
+        .get(headers::HTTP_IDEMPOTENCY_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(k) if !k.trim().is_empty() => Some(k.trim().to_owned()),
+        _ => pointer.and_then(|p| {
+            let json: serde_json::Value = serde_json::from_slice(body).ok()?;
+            match json.pointer(p)? {
+                serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            }
+        }),
+    };
+    match key {
+        Some(k) if k.len() > MAX_KEY_LEN => Err(IngressError::KeyTooLong(MAX_KEY_LEN)),
+        other => Ok(other),
+    }
 }
 
 /// serde_json's message without its own " at line X column Y" suffix, which the error adds
