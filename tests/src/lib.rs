@@ -92,6 +92,8 @@ pub struct TestHiway {
     database_admin_url: String,
     services: Vec<(&'static str, CancellationToken, JoinHandle<()>)>,
     processes: Vec<Child>,
+    /// Taken by `shutdown`, or by `drop` when a test failed before it.
+    leftovers: Option<Leftovers>,
 }
 
 impl TestHiway {
@@ -209,7 +211,13 @@ api_key_sha256 = "{}"
             database_admin_url: database_admin_url.to_owned(),
             services: Vec::new(),
             processes: Vec::new(),
+            leftovers: None,
         };
+        this.leftovers = Some(Leftovers::of(
+            &this.config,
+            &this.database,
+            &this.database_admin_url,
+        ));
         if services.audit {
             let audit = hiway_audit::build(&this.config).await.expect("build audit");
             this.start("audit", |stop| async move {
@@ -471,46 +479,105 @@ api_key_sha256 = "{}"
             }
         }
         self.pool.close().await;
-        if let Ok(connection) =
-            lapin::Connection::connect(self.config.broker.url.expose(), Default::default()).await
-            && let Ok(channel) = connection.create_channel().await
-        {
-            let names = self.names();
-            for q in names.all_queues(self.config.destinations.keys()) {
-                let _ = channel
-                    .queue_delete(q.into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            for e in [
+        if let Some(leftovers) = self.leftovers.take() {
+            leftovers.remove().await;
+        }
+    }
+}
+
+/// What a test leaves on the shared broker and database server.
+struct Leftovers {
+    amqp_url: String,
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+    database: String,
+    database_admin_url: String,
+}
+
+impl Leftovers {
+    fn of(config: &Config, database: &str, database_admin_url: &str) -> Self {
+        let names = config.names();
+        let mut queues = names.all_queues(config.destinations.keys());
+        for (name, d) in &config.destinations {
+            queues.extend(
+                d.retry
+                    .schedule
+                    .iter()
+                    .map(|delay| names.retry_queue(name, *delay)),
+            );
+        }
+        Self {
+            amqp_url: config.broker.url.expose().to_owned(),
+            queues,
+            exchanges: vec![
                 names.ingress_exchange(),
                 names.deliver_exchange(),
                 names.retry_exchange(),
                 names.dead_exchange(),
                 names.audit_exchange(),
-            ] {
+            ],
+            database: database.to_owned(),
+            database_admin_url: database_admin_url.to_owned(),
+        }
+    }
+
+    /// Deletes the queues and exchanges and drops the database.
+    async fn remove(self) {
+        if let Ok(connection) = lapin::Connection::connect(&self.amqp_url, Default::default()).await
+            && let Ok(channel) = connection.create_channel().await
+        {
+            for q in self.queues {
+                let _ = channel
+                    .queue_delete(q.into(), QueueDeleteOptions::default())
+                    .await;
+            }
+            for e in self.exchanges {
                 let _ = channel
                     .exchange_delete(e.into(), ExchangeDeleteOptions::default())
                     .await;
             }
+            let _ = channel.close(200, "".into()).await;
             let _ = connection.close(200, "".into()).await;
         }
         if let Ok(mut admin) = PgConnection::connect(&self.database_admin_url).await {
-            let _ = // The name is made by this harness from a UUID, never from input.
-            sqlx::raw_sql(AssertSqlSafe(format!("drop database if exists {} with (force)", self.database)))
-                .execute(&mut admin)
-                .await;
+            // The name is made by this harness from a UUID, never from input.
+            let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+                "drop database if exists {} with (force)",
+                self.database
+            )))
+            .execute(&mut admin)
+            .await;
         }
     }
 }
 
 /// A test that panics never reaches [`TestHiway::shutdown`]; its service processes must not
 /// outlive it (they would keep consuming, and keep the test runner's output open).
+///
+/// Nor may its queues and database: on a shared broker, quorum queues left by failed runs
+/// pile up (each is a Raft group) until the broker struggles. The cleanup runs on a thread of
+/// its own, since the test's runtime may be unwinding.
 impl Drop for TestHiway {
     fn drop(&mut self) {
         for child in &mut self.processes {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let Some(leftovers) = self.leftovers.take() else {
+            return;
+        };
+        for (_, stop, _) in &self.services {
+            stop.cancel();
+        }
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(leftovers.remove());
+            }
+        })
+        .join();
     }
 }
 

@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use hiway_config::Config;
 use hiway_proto::audit::AuditBatch;
 use hiway_runtime::Broker;
+use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::Reconnect;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -118,15 +119,28 @@ async fn session(
     let names = broker.names();
     // Prefetch must exceed a batch (each message carries one or a few events), or batches
     // would only ever be flushed by the timer.
-    let (_events_channel, events) = broker
+    let (events_channel, events) = broker
         .consumer(conn, &names.audit_queue(), "hiway-audit", prefetch)
         .await?;
     // Dead letters are stored one at a time; a small window is plenty.
-    let (_dead_channel, dead) = broker
+    let (dead_channel, dead) = broker
         .consumer(conn, &names.dead_queue(), "hiway-audit-dead", 16)
         .await?;
     tracing::info!(queue = %names.audit_queue(), batch_size = writer.batch_size, "audit consuming");
-    let (a, b) = tokio::join!(writer.events(events, stop), writer.dead(dead, stop));
+    let (a, b) = tokio::join!(
+        async {
+            let r = writer.events(events, stop).await;
+            tracing::debug!(ok = r.is_ok(), "audit events loop ended");
+            r
+        },
+        async {
+            let r = writer.dead(dead, stop).await;
+            tracing::debug!(ok = r.is_ok(), "dead letter loop ended");
+            r
+        }
+    );
+    close_channel(&events_channel).await;
+    close_channel(&dead_channel).await;
     a.and(b)
 }
 

@@ -108,6 +108,9 @@ pub struct BrokerConfig {
     /// Longest wait for a publisher confirm.
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// Longest wait for a connection and its AMQP handshake.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
     /// First wait before reconnecting.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
@@ -512,6 +515,7 @@ impl Config {
         }
         for (key, d) in [
             ("broker.publish_timeout", self.broker.publish_timeout),
+            ("broker.connect_timeout", self.broker.connect_timeout),
             ("broker.reconnect_min", self.broker.reconnect_min),
             ("ingress.request_timeout", self.ingress.request_timeout),
             ("audit.flush_interval", self.audit.flush_interval),

@@ -101,7 +101,7 @@ pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Resu
                 .context("cannot connect to the broker")?;
             let publisher = broker.publisher(&connection).await?;
             let report = dlq::replay(pool, &publisher, broker.names(), &selection).await?;
-            let _ = connection.close(200, "done".into()).await;
+            hiway_runtime::amqp::close_connection(&connection, 200, "done").await;
             println!(
                 "replayed {}; failed {} (still dead: run the same command again)",
                 report.replayed, report.failed

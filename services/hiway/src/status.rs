@@ -91,7 +91,7 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
             circuit,
         });
     }
-    let _ = connection.close(200, "done".into()).await;
+    hiway_runtime::amqp::close_connection(&connection, 200, "done").await;
     Ok(out)
 }
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures_util::StreamExt;
+use hiway_runtime::amqp::close_connection;
 use hiway_runtime::{Broker, Publisher};
 use lapin::{Connection, Event};
 use tokio_util::sync::CancellationToken;
@@ -78,7 +79,7 @@ impl Link {
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot open a publishing channel");
-                    let _ = conn.close(0, "reconnecting".into()).await;
+                    close_connection(&conn, 320, "reconnecting").await;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
                 }
@@ -104,12 +105,22 @@ impl Link {
                     }
                 }
             };
-            self.set(None);
+            let publisher = self
+                .0
+                .publisher
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(publisher) = publisher
+                && !failed
+            {
+                publisher.close().await;
+            }
             self.0.blocked.store(false, Ordering::Release);
             if !failed {
                 // Shutting down: in-flight requests finished before `stop` reached us (the
                 // server drains first), so closing now loses no confirm.
-                let _ = conn.close(200, "shutdown".into()).await;
+                close_connection(&conn, 200, "shutdown").await;
                 break;
             }
         }

@@ -41,6 +41,7 @@ pub struct Broker {
     destinations: Vec<DestinationTopology>,
     delivery_limit: u32,
     publish_timeout: Duration,
+    connect_timeout: Duration,
     reconnect_min: Duration,
     reconnect_max: Duration,
 }
@@ -61,6 +62,7 @@ impl Broker {
                 .collect(),
             delivery_limit: config.broker.delivery_limit,
             publish_timeout: config.broker.publish_timeout,
+            connect_timeout: config.broker.connect_timeout,
             reconnect_min: config.broker.reconnect_min,
             reconnect_max: config.broker.reconnect_max,
         }
@@ -73,7 +75,22 @@ impl Broker {
 
     /// Connects once and declares the topology. `name` shows in the broker's connection list,
     /// so an operator can tell which service a connection belongs to.
+    ///
+    /// Bounded by `broker.connect_timeout`: a broker that takes the TCP connection but never
+    /// finishes the AMQP handshake (one shutting down, or wedged) must not hang a service.
     pub async fn connect(&self, name: &str) -> Result<Connection, lapin::Error> {
+        match tokio::time::timeout(self.connect_timeout, self.connect_unbounded(name)).await {
+            Ok(result) => result,
+            Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
+                std::sync::Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no AMQP handshake within {:?}", self.connect_timeout),
+                )),
+            ))),
+        }
+    }
+
+    async fn connect_unbounded(&self, name: &str) -> Result<Connection, lapin::Error> {
         let props = ConnectionProperties::default().with_connection_name(name.into());
         let connection = Connection::connect(self.url.expose(), props).await?;
         let channel = connection.create_channel().await?;
@@ -94,7 +111,11 @@ impl Broker {
     pub async fn connect_until(&self, name: &str, stop: &CancellationToken) -> Option<Connection> {
         let mut wait = self.reconnect_min;
         loop {
-            match self.connect(name).await {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return None,
+                attempt = self.connect(name) => attempt,
+            };
+            match attempt {
                 Ok(connection) => return Some(connection),
                 Err(error) => {
                     tracing::warn!(%error, service = name, retry_in = ?wait, "cannot reach the broker");
@@ -253,6 +274,13 @@ impl Publisher {
             .await
     }
 
+    /// Closes the channel, after the confirms in flight on it (see [`close_channel`]). Closing channels before their
+    /// connection is what makes a shutdown clean (lapin reports a channel dropped while its
+    /// connection closes as a connection error).
+    pub async fn close(&self) {
+        close_channel(&self.channel).await;
+    }
+
     /// Whether the channel can still publish.
     pub fn is_open(&self) -> bool {
         self.channel.status().connected()
@@ -261,4 +289,22 @@ impl Publisher {
 
 fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// How long a clean close may take: a broker that does not answer must not hold up a shutdown,
+/// and nothing is lost by giving up (unacknowledged deliveries are redelivered).
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a channel if it is open, waiting at most a few seconds for the broker.
+pub async fn close_channel(channel: &Channel) {
+    if channel.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "closing".into())).await;
+    }
+}
+
+/// Closes a connection, waiting at most a few seconds for the broker.
+pub async fn close_connection(connection: &Connection, code: u16, reason: &str) {
+    if connection.status().connected() {
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(code, reason.into())).await;
+    }
 }

@@ -65,12 +65,12 @@ impl<'a> Reconnect<'a> {
     pub async fn ended(&mut self, connection: Connection, result: Result<(), lapin::Error>) {
         match result {
             Ok(()) => {
-                let _ = connection.close(200, "shutdown".into()).await;
+                crate::amqp::close_connection(&connection, 200, "shutdown").await;
                 self.done = true;
             }
             Err(error) => {
                 tracing::warn!(%error, service = self.service, "broker session ended; reconnecting");
-                let _ = connection.close(320, "reconnecting".into()).await;
+                crate::amqp::close_connection(&connection, 320, "reconnecting").await;
                 self.done = self.stop.is_cancelled();
             }
         }

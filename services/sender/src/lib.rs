@@ -28,6 +28,7 @@ use futures_util::future::try_join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind};
 use hiway_proto::{Envelope, Names, headers};
+use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Broker, Publisher};
 use lapin::Connection;
@@ -117,7 +118,9 @@ async fn session(
         .destinations
         .iter()
         .map(|destination| serve(broker, conn, &publisher, destination, sender.drain, stop));
-    try_join_all(workers).await.map(|_| ())
+    let ended = try_join_all(workers).await.map(|_| ());
+    publisher.close().await;
+    ended
 }
 
 /// Serves one destination: consumes while its circuit is closed; when it trips, lets go of
@@ -153,7 +156,7 @@ async fn serve(
         .await?;
         // Closing the channel returns the messages it was holding, unstarted, to the queue:
         // they wait there rather than fail against a destination that is down.
-        let _ = channel.close(200, "circuit open or stopping".into()).await;
+        close_channel(&channel).await;
         if stop.is_cancelled() {
             return Ok(());
         }
@@ -171,7 +174,7 @@ async fn serve(
                 .await?;
             let Some(message) = got else {
                 // Nothing to probe with: the circuit stays open until a message arrives.
-                let _ = probe_channel.close(200, "nothing to probe".into()).await;
+                close_channel(&probe_channel).await;
                 continue;
             };
             let id = Envelope::from_properties(&message.delivery.properties)
@@ -179,7 +182,7 @@ async fn serve(
                 .map(|e| e.id);
             let delivered =
                 deliver(destination, publisher, names, &breaker, message.delivery).await;
-            let _ = probe_channel.close(200, "probed".into()).await;
+            close_channel(&probe_channel).await;
             if delivered {
                 tracing::info!(destination = %destination.name, "probe delivered: circuit closed");
                 if let Some(id) = id {

@@ -15,6 +15,7 @@ use futures_util::future::join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
 use hiway_proto::{Envelope, Names};
+use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Broker, Publisher};
 use lapin::Connection;
@@ -93,14 +94,17 @@ async fn session(
     // Prefetch bounds how many messages are being routed at once (and so memory: at most
     // prefetch × the largest body); all of them are handled concurrently, so their confirms
     // are in flight together.
-    let (_channel, consumer) = broker
+    let (channel, consumer) = broker
         .consumer(conn, &names.ingress_queue(), "hiway-transformer", prefetch)
         .await?;
     tracing::info!(queue = %names.ingress_queue(), prefetch, "transformer consuming");
-    consume_concurrently(consumer, usize::from(prefetch), stop, drain, |delivery| {
+    let ended = consume_concurrently(consumer, usize::from(prefetch), stop, drain, |delivery| {
         route(&publisher, names, routes, delivery)
     })
-    .await
+    .await;
+    close_channel(&channel).await;
+    publisher.close().await;
+    ended
 }
 
 /// Routes one delivery and settles it.
