@@ -14,7 +14,7 @@
 # Set HIWAY_SKIP_DEPS=1 to skip deploy/deps.sh (servers managed elsewhere).
 #
 # Arguments are passed to cargo test, e.g.
-#   deploy/test.sh -p hiway-core -- --nocapture
+#   deploy/test.sh -p hiway-config -- --nocapture
 
 set -euo pipefail
 

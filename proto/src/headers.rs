@@ -43,3 +43,6 @@ pub const DEAD_ID: &str = "x-hiway-dead-id";
 /// `{"attempt", "at", "status_code", "error"}`, carried so that a dead letter holds every
 /// attempt even before the audit trail is written.
 pub const ATTEMPTS: &str = "x-hiway-attempts";
+/// When a hiway service dead-lettered the message, in microseconds since the Unix epoch: the
+/// time it died, which may be well before the audit service could store it.
+pub const DEAD_AT: &str = "x-hiway-dead-at";

@@ -52,7 +52,16 @@ pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
         routing_key: delivery.routing_key.as_str().to_owned(),
         reason,
         dead_by,
-        died_at: Utc::now(),
+        // The time it died, when a hiway service recorded it; the broker's own dead-lettering
+        // carries its time in x-death, which is coarser: it is read as now.
+        died_at: match h.inner().get(headers::DEAD_AT) {
+            Some(AMQPValue::LongLongInt(micros)) => {
+                chrono::TimeZone::timestamp_micros(&Utc, *micros)
+                    .single()
+                    .unwrap_or_else(Utc::now)
+            }
+            _ => Utc::now(),
+        },
         content_type: delivery
             .properties
             .content_type()

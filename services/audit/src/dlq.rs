@@ -145,6 +145,22 @@ pub struct ReplayReport {
     pub replayed: usize,
     /// Could not be published; still dead, to be replayed again.
     pub failed: usize,
+    /// Not messages for a destination or from ingress (an unreadable audit batch, say): they
+    /// cannot be replayed, only discarded.
+    pub unreplayable: usize,
+}
+
+/// Where a replayed letter goes: its destination's queue; or, for a message that died before
+/// routing, the ingress queue. Anything else (an audit batch) has nowhere to go.
+fn replay_target(letter: &DeadLetterRow, names: &Names) -> Option<(String, String)> {
+    match &letter.destination {
+        Some(d) => Some((names.deliver_exchange(), d.clone())),
+        None if letter.routing_key == hiway_proto::topology::DEAD_KEY_INGRESS => Some((
+            names.ingress_exchange(),
+            hiway_proto::names::INGRESS_KEY.to_owned(),
+        )),
+        None => None,
+    }
 }
 
 /// How many letters are published at once during a bulk replay: their confirms are in flight
@@ -162,17 +178,13 @@ pub async fn replay(
     let mut report = ReplayReport::default();
     for chunk in letters.chunks(REPLAY_CHUNK) {
         let published = join_all(chunk.iter().map(|letter| async move {
-            let (exchange, key) = match &letter.destination {
-                Some(d) => (names.deliver_exchange(), d.clone()),
-                None => (
-                    names.ingress_exchange(),
-                    hiway_proto::names::INGRESS_KEY.to_owned(),
-                ),
+            let Some((exchange, key)) = replay_target(letter, names) else {
+                return (letter, Err(None));
             };
             let result = publisher
                 .publish(&exchange, &key, &letter.body, replay_properties(letter))
                 .await;
-            (letter, result)
+            (letter, result.map_err(Some))
         }))
         .await;
         let mut done = Vec::new();
@@ -196,9 +208,13 @@ pub async fn replay(
                         ));
                     }
                 }
-                Err(error) => {
+                Err(Some(error)) => {
                     tracing::warn!(%error, dead_id = %letter.dead_id, "replay not confirmed; the letter stays dead");
                     report.failed += 1;
+                }
+                Err(None) => {
+                    tracing::warn!(dead_id = %letter.dead_id, routing_key = %letter.routing_key, "this letter has no destination and did not come from ingress: it cannot be replayed, only discarded");
+                    report.unreplayable += 1;
                 }
             }
         }
@@ -249,7 +265,7 @@ async fn settle(
     sqlx::query(
         "update dead_letters set state = $2, settled_at = now(),
                 replays = replays + case when $2 = 'replayed' then 1 else 0 end
-         where dead_id = any($1) and state = 'dead'",
+         where dead_id = any($1)",
     )
     .bind(ids)
     .bind(state)

@@ -1,5 +1,6 @@
 //! What ingress answers when it does not accept a message. Every variant is an answer the
-//! source can act on; in every case nothing was published.
+//! source can act on. Nothing was published, with one exception a source cannot tell apart:
+//! a 503 after the broker took the message but its confirm was lost with the connection.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -57,7 +58,7 @@ pub enum IngressError {
     #[error("a request with idempotency key {0:?} is being accepted right now; retry shortly")]
     KeyInUse(String, u32),
     /// 400: the idempotency key is unusable.
-    #[error("the idempotency key is longer than {0} characters")]
+    #[error("the idempotency key is longer than {0} bytes")]
     KeyTooLong(usize),
     /// 503: the broker is unreachable, blocked, or did not confirm; the source should retry.
     #[error("the message was not accepted because the broker is unavailable ({0}); retry later")]

@@ -266,6 +266,10 @@ impl Publisher {
         );
         headers.insert(hiway_proto::headers::DEAD_BY.into(), long_string(service));
         headers.insert(
+            hiway_proto::headers::DEAD_AT.into(),
+            AMQPValue::LongLongInt(chrono::Utc::now().timestamp_micros()),
+        );
+        headers.insert(
             hiway_proto::headers::DEAD_ID.into(),
             long_string(&uuid::Uuid::now_v7().to_string()),
         );

@@ -180,11 +180,10 @@ async fn serve(
             let id = Envelope::from_properties(&message.delivery.properties)
                 .ok()
                 .map(|e| e.id);
-            let delivered =
-                deliver(destination, publisher, names, &breaker, message.delivery).await;
+            let answered = deliver(destination, publisher, names, &breaker, message.delivery).await;
             close_channel(&probe_channel).await;
-            if delivered {
-                tracing::info!(destination = %destination.name, "probe delivered: circuit closed");
+            if answered {
+                tracing::info!(destination = %destination.name, "probe answered: circuit closed");
                 if let Some(id) = id {
                     let event = AuditEvent::now(
                         id,
@@ -211,7 +210,8 @@ struct Settings {
 
 /// Delivers one message and settles it: ack once its outcome is durable (delivered and
 /// recorded, scheduled for retry, or dead), nack with requeue if that could not be made
-/// durable. Returns whether the message was delivered.
+/// durable. Returns whether the destination answered (delivered, or a permanent refusal):
+/// either way it is up, which is what a circuit probe asks.
 async fn deliver(
     destination: &Destination,
     publisher: &Publisher,
@@ -251,7 +251,7 @@ async fn deliver(
         if let Some(status) = outcome.status() {
             tracing::Span::current().record("status", status);
         }
-        let delivered = matches!(outcome, Outcome::Delivered { .. });
+        let answered = !matches!(outcome, Outcome::Retry { .. });
         let permanent = matches!(outcome, Outcome::Permanent { .. });
         // Recorded in this message's trail when its failure is the one that opened the circuit.
         let tripped = breaker.record(&outcome).map(|failures| {
@@ -344,7 +344,7 @@ async fn deliver(
             }
         };
         settle(&acker, durable).await;
-        delivered
+        answered
     }
     .instrument(span)
     .await
