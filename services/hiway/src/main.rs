@@ -1,7 +1,6 @@
 //! `hiway`: all services in one process, and the operator commands.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,9 +12,8 @@ use rand::RngCore;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file or directory (layered over the built-in defaults).
-    #[arg(long, short, global = true, env = "HIWAY_CONFIG")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: hiway_runtime::cli::ConfigArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -184,13 +182,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     match args.command {
         Command::Run => {
-            let config = hiway_config::load(args.config.as_deref())?;
-            hiway_runtime::telemetry::init(&config.log);
-            let stop = hiway_runtime::stop_signal();
+            let (config, stop) = hiway_runtime::cli::start(&args.config)?;
             hiway::run_all(&config, stop).await
         }
         Command::Trace { id } => {
-            let config = hiway_config::load(args.config.as_deref())?;
+            let config = args.config.load()?;
             let id: MessageId = id
                 .parse()
                 .with_context(|| format!("{id:?} is not a message id"))?;
@@ -202,7 +198,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status => {
-            let config = hiway_config::load(args.config.as_deref())?;
+            let config = args.config.load()?;
             let pool = hiway_audit::connect_database(&config)
                 .await
                 .context("cannot connect to PostgreSQL")?;
@@ -211,7 +207,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => {
-            let config = hiway_config::load(args.config.as_deref())?;
+            let config = args.config.load()?;
             let pool = hiway_audit::connect_database(&config)
                 .await
                 .context("cannot connect to PostgreSQL")?;
@@ -220,7 +216,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Config {
             command: ConfigCommand::Check { show },
         } => {
-            let config = hiway_config::load(args.config.as_deref())?;
+            let config = args.config.load()?;
             if show {
                 println!("{config:#?}");
             }

@@ -250,6 +250,27 @@ impl Publisher {
         .await
     }
 
+    /// Settles a delivery that can never be processed (poison): dead-letters it with the
+    /// reason and acks it; if that publish fails, rejects it without requeue so the queue's own
+    /// dead-letter settings take it. Either way it leaves the queue.
+    pub async fn settle_poison(&self, delivery: Delivery, reason: &str, service: &str) {
+        use lapin::options::{BasicAckOptions, BasicNackOptions};
+        match self.publish_dead(&delivery, reason, service).await {
+            Ok(()) => {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not publish the dead letter; rejecting to the queue's dead-letter exchange");
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: false,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+
     /// [`Publisher::publish_dead`] for a delivery already taken apart.
     pub async fn publish_dead_parts(
         &self,

@@ -2,6 +2,7 @@
 //! connections and confirmed publishing. No business logic lives here.
 
 pub mod amqp;
+pub mod cli;
 pub mod consume;
 pub mod shutdown;
 pub mod telemetry;

@@ -223,7 +223,9 @@ async fn deliver(
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, destination = %destination.name, "dead-lettering a message whose envelope cannot be read");
-            dead_letter(publisher, delivery, &error.to_string()).await;
+            publisher
+                .settle_poison(delivery, &error.to_string(), SERVICE)
+                .await;
             return false;
         }
     };
@@ -416,23 +418,6 @@ async fn send(destination: &Destination, envelope: &Envelope, body: Bytes) -> Ou
                 Ok(body) => outcome::classify(destination.kind, status, &response_headers, &body),
                 Err(e) => outcome::transport_error(&e),
             }
-        }
-    }
-}
-
-async fn dead_letter(publisher: &Publisher, delivery: Delivery, reason: &str) {
-    match publisher.publish_dead(&delivery, reason, SERVICE).await {
-        Ok(()) => {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "could not publish the dead letter; rejecting to the queue's dead-letter exchange");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await;
         }
     }
 }

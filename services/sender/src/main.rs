@@ -1,6 +1,4 @@
-//! `hiway-sender --config DIR`: runs delivery workers alone.
-
-use std::path::PathBuf;
+//! `hiway-sender --config DIR`: runs hiway's delivery workers alone.
 
 use clap::Parser;
 
@@ -8,17 +6,13 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version)]
 struct Args {
-    /// Configuration file or directory (layered over the built-in defaults).
-    #[arg(long, short, env = "HIWAY_CONFIG")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: hiway_runtime::cli::ConfigArg,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let config = hiway_config::load(args.config.as_deref())?;
-    hiway_runtime::telemetry::init(&config.log);
-    let stop = hiway_runtime::stop_signal();
+    let (config, stop) = hiway_runtime::cli::start(&Args::parse().config)?;
     hiway_sender::build(&config).await?.run(stop).await?;
     Ok(())
 }

@@ -113,7 +113,9 @@ async fn route(publisher: &Publisher, names: &Names, routes: &Routes, delivery: 
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, "dead-lettering a message whose envelope cannot be read");
-            return dead_letter(publisher, delivery, &error.to_string()).await;
+            return publisher
+                .settle_poison(delivery, &error.to_string(), SERVICE)
+                .await;
         }
     };
     let span = tracing::info_span!("transformer.route", message_id = %envelope.id, channel = %envelope.channel);
@@ -191,23 +193,4 @@ async fn route(publisher: &Publisher, names: &Names, routes: &Routes, delivery: 
     }
     .instrument(span)
     .await
-}
-
-/// Sends a poison delivery to the dead-letter exchange, then acks it; if that publish fails,
-/// rejects it without requeue so the queue's own dead-letter policy takes it.
-async fn dead_letter(publisher: &Publisher, delivery: Delivery, reason: &str) {
-    match publisher.publish_dead(&delivery, reason, SERVICE).await {
-        Ok(()) => {
-            let _ = delivery.ack(BasicAckOptions::default()).await;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "could not publish the dead letter; rejecting to the queue's dead-letter exchange");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                })
-                .await;
-        }
-    }
 }
