@@ -1,0 +1,756 @@
+//! The markdown report: the machine and versions, the targets met or not, and every figure
+//! measured, with the definitions needed to read them.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::baseline::{self, Baseline};
+use crate::e2e::{self, E2e, Step};
+use crate::plan::Plan;
+use crate::processes::LogSummary;
+use crate::procfs;
+use crate::scaling::Scaling;
+
+/// Target: sustained end to end at least this fraction of the baseline.
+pub const RATIO_TARGET: f64 = 0.25;
+/// Target: p99 at half the sustained rate at most this.
+pub const P99_TARGET: Duration = Duration::from_millis(250);
+/// Target: idle RSS of each service at most this many kB (30 MB).
+pub const IDLE_RSS_TARGET_KB: u64 = 30 * 1024;
+/// A scaling step grows when its rate is at least this multiple of the previous cell's.
+const GROWTH: f64 = 1.10;
+/// A cell is CPU-bound when the machine was at least this busy (fraction of all cores).
+const CPU_BOUND: f64 = 0.85;
+
+/// Where and with what the run happened.
+#[derive(Clone, Debug, Default)]
+pub struct Meta {
+    /// UTC date and time of the start.
+    pub when: String,
+    /// CPU model.
+    pub cpu_model: String,
+    /// Logical CPUs.
+    pub cpus: usize,
+    /// Total memory.
+    pub memory: String,
+    /// Kernel release.
+    pub kernel: String,
+    /// RabbitMQ version.
+    pub rabbitmq: String,
+    /// PostgreSQL version.
+    pub postgres: String,
+    /// rustc on PATH.
+    pub rustc: String,
+    /// git commit of the working directory.
+    pub commit: String,
+    /// Machine CPU use during one idle second before the run, % of one core.
+    pub busy_before: Option<f64>,
+    /// Whether the RabbitMQ and PostgreSQL processes were found by their listening port
+    /// (else their CPU is summed over every process of that name).
+    pub servers_found: (bool, bool),
+}
+
+impl Meta {
+    /// Reads what can be read without the broker and database (those are filled in by the
+    /// caller).
+    pub fn local() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                let kb: f64 = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()?;
+                Some(format!("{:.1} GiB", kb / 1024.0 / 1024.0))
+            })
+            .unwrap_or_else(|| "unknown".into());
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into());
+        let commit = match command("git", &["rev-parse", "--short", "HEAD"]) {
+            Some(c) => {
+                let dirty = command("git", &["status", "--porcelain", "--untracked-files=no"])
+                    .is_some_and(|s| !s.is_empty());
+                if dirty {
+                    format!("{c} (with uncommitted changes in tracked files)")
+                } else {
+                    c
+                }
+            }
+            None => "unknown (not run from a git checkout)".into(),
+        };
+        Self {
+            when: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+            cpu_model,
+            cpus: procfs::cpus(),
+            memory,
+            kernel,
+            rabbitmq: "unknown".into(),
+            postgres: "unknown".into(),
+            rustc: command("rustc", &["--version"]).unwrap_or_else(|| "unknown".into()),
+            commit,
+            busy_before: None,
+            servers_found: (false, false),
+        }
+    }
+}
+
+/// The trimmed stdout of a command that succeeded.
+fn command(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Everything a run produced.
+pub struct Report {
+    /// Where and with what.
+    pub meta: Meta,
+    /// What was asked.
+    pub plan: Plan,
+    /// RabbitMQ alone.
+    pub baseline: Option<Baseline>,
+    /// hiway end to end.
+    pub e2e: Option<E2e>,
+    /// Sender scaling.
+    pub scaling: Option<Scaling>,
+    /// Service logs.
+    pub logs: Vec<LogSummary>,
+    /// Redeliveries seen by the sinks, and requests without a message id.
+    pub sink_anomalies: (u64, u64),
+    /// Why the run stopped early, if it did.
+    pub failure: Option<String>,
+}
+
+fn mb(kb: u64) -> String {
+    format!("{:.1} MB", kb as f64 / 1024.0)
+}
+
+fn ms(d: Duration) -> String {
+    let v = d.as_secs_f64() * 1000.0;
+    if v < 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0}"))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "**met**" } else { "**not met**" }
+}
+
+impl Report {
+    /// The report as markdown.
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        self.header(&mut out);
+        self.targets(&mut out);
+        self.baseline(&mut out);
+        self.e2e(&mut out);
+        self.scaling(&mut out);
+        self.cpu_hints(&mut out);
+        self.logs(&mut out);
+        out
+    }
+
+    fn header(&self, out: &mut String) {
+        let m = &self.meta;
+        let p = &self.plan;
+        let profile = p
+            .bin_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| *n == "release" || *n == "debug")
+            .map_or(String::new(), |n| format!(" ({n} build)"));
+        let _ = writeln!(out, "# hiway benchmark report\n");
+        if p.smoke {
+            let _ = writeln!(
+                out,
+                "> **Smoke run**: durations are too short for any figure below to mean anything \
+                 about speed. It only shows that the benchmark runs.\n"
+            );
+        }
+        if let Some(failure) = &self.failure {
+            let _ = writeln!(
+                out,
+                "> **The run stopped early**: {failure}\n>\n> What was measured before is below.\n"
+            );
+        }
+        let _ = writeln!(out, "- When: {}", m.when);
+        let _ = writeln!(out, "- Command: `{}`", p.command_line);
+        let _ = writeln!(
+            out,
+            "- Service binaries: `{}`{profile}",
+            p.bin_dir.display()
+        );
+        let _ = writeln!(
+            out,
+            "- Settings: {:.0} s per step, ladder {} /s, grace {:.0} s, every hiway setting at its \
+             default (config/default.toml) except names, addresses and `log.filter = \"warn\"`.",
+            p.step.as_secs_f64(),
+            p.rates
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.grace.as_secs_f64(),
+        );
+        if !p.service_env.is_empty() {
+            let _ = writeln!(
+                out,
+                "- **Not hiway as shipped**: every service ran with {}. The targets are about \
+                 the defaults; this run is a diagnosis.",
+                p.service_env
+                    .iter()
+                    .map(|(k, v)| format!("`{k}={v}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let _ = writeln!(out, "\n## Machine and versions\n");
+        let _ = writeln!(out, "| | |\n|---|---|");
+        let _ = writeln!(out, "| CPU | {} |", m.cpu_model);
+        let _ = writeln!(out, "| Logical CPUs (nproc) | {} |", m.cpus);
+        let _ = writeln!(out, "| Memory | {} |", m.memory);
+        let _ = writeln!(out, "| Kernel | {} |", m.kernel);
+        let _ = writeln!(out, "| RabbitMQ | {} |", m.rabbitmq);
+        let _ = writeln!(out, "| PostgreSQL | {} |", m.postgres);
+        let _ = writeln!(out, "| rustc | {} |", m.rustc);
+        let _ = writeln!(out, "| hiway commit | {} |", m.commit);
+        let _ = writeln!(
+            out,
+            "| Machine CPU busy in the idle second before the run | {}% of one core |",
+            pct(m.busy_before)
+        );
+        let _ = writeln!(out);
+        let found = |yes: bool, port_name: &str, name: &str| {
+            if yes {
+                format!("the process listening on the {port_name} port and its children")
+            } else {
+                format!("every `{name}` process (the server was not found by its port)")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "CPU figures are % of one core ({}% = every core). *rabbitmq* is {}; *postgres* is \
+             {}; *bench* is this process (load generator and sinks); *other* is the machine's use \
+             not accounted for by the processes listed (anything else running, the kernel): \
+             when it is large, the figures of that row are skewed.\n",
+            m.cpus * 100,
+            found(m.servers_found.0, "AMQP", "beam.smp"),
+            found(m.servers_found.1, "PostgreSQL", "postgres"),
+        );
+    }
+
+    fn targets(&self, out: &mut String) {
+        let _ = writeln!(out, "## Targets (2-core machine)\n");
+        let _ = writeln!(out, "| target | figures | result |\n|---|---|---|");
+        let best = self.e2e.as_ref().and_then(E2e::best);
+        match (&self.baseline, best) {
+            (Some(b), Some(s)) => {
+                let ratio = f64::from(s.rate) / b.rate;
+                let _ = writeln!(
+                    out,
+                    "| Sustained end to end ≥ {RATIO_TARGET} × baseline | {}/s ÷ {:.0}/s = {ratio:.2} | {} |",
+                    s.rate,
+                    b.rate,
+                    verdict(ratio >= RATIO_TARGET)
+                );
+            }
+            (Some(b), None) if self.e2e.is_some() => {
+                let _ = writeln!(
+                    out,
+                    "| Sustained end to end ≥ {RATIO_TARGET} × baseline | no step was sustained; baseline {:.0}/s | **not met** |",
+                    b.rate
+                );
+            }
+            _ => {
+                let _ = writeln!(
+                    out,
+                    "| Sustained end to end ≥ {RATIO_TARGET} × baseline | not measured (needs the baseline and e2e parts) | - |"
+                );
+            }
+        }
+        match self.e2e.as_ref().and_then(|e| Some((e.half()?, e.best()?))) {
+            Some((h, best)) => match h.latency {
+                Some(l) => {
+                    let _ = writeln!(
+                        out,
+                        "| p99 ≤ {} ms at half the sustained rate | p99 {} ms at {}/s (half of {}/s{}) | {} |",
+                        P99_TARGET.as_millis(),
+                        ms(l.p99),
+                        h.rate,
+                        best.rate,
+                        if h.kind == "half-rate" {
+                            ", its own step"
+                        } else {
+                            ", the ladder step at that rate"
+                        },
+                        verdict(l.p99 <= P99_TARGET)
+                    );
+                }
+                None => {
+                    let _ = writeln!(
+                        out,
+                        "| p99 ≤ {} ms at half the sustained rate | no message was delivered at {}/s | **not met** |",
+                        P99_TARGET.as_millis(),
+                        h.rate
+                    );
+                }
+            },
+            None => {
+                let _ = writeln!(
+                    out,
+                    "| p99 ≤ {} ms at half the sustained rate | not measured (no sustained step) | - |",
+                    P99_TARGET.as_millis()
+                );
+            }
+        }
+        match &self.e2e {
+            Some(e) if !e.idle_rss_kb.is_empty() => {
+                let figures: Vec<String> = e2e::SERVICES
+                    .iter()
+                    .zip(&e.idle_rss_kb)
+                    .map(|(s, kb)| format!("{s} {}", kb.map_or("?".into(), mb)))
+                    .collect();
+                let met = e
+                    .idle_rss_kb
+                    .iter()
+                    .all(|kb| kb.is_some_and(|kb| kb <= IDLE_RSS_TARGET_KB));
+                let _ = writeln!(
+                    out,
+                    "| Idle RSS ≤ 30 MB per service | {} | {} |",
+                    figures.join(", "),
+                    verdict(met)
+                );
+            }
+            _ => {
+                let _ = writeln!(out, "| Idle RSS ≤ 30 MB per service | not measured | - |");
+            }
+        }
+        if let Some(s) = &self.scaling {
+            let (met, summary) = scaling_verdict(s);
+            let _ = writeln!(
+                out,
+                "| Sender throughput grows with processes and concurrency until the CPU is the limit | {summary} | {} |",
+                verdict(met)
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    fn baseline(&self, out: &mut String) {
+        let Some(b) = &self.baseline else { return };
+        let _ = writeln!(out, "## Baseline: RabbitMQ alone, one hop\n");
+        let _ = writeln!(
+            out,
+            "One lapin publisher sends persistent {}-byte messages (with hiway's envelope headers) \
+             into one quorum queue, keeping {} publisher confirms in flight, for {:.0} s; one \
+             lapin consumer on its own connection, prefetch {}, acks each message as it goes. \
+             Rate = messages consumed ÷ (first publish → last ack).\n",
+            b.body_bytes,
+            baseline::WINDOW,
+            b.publishing.as_secs_f64(),
+            baseline::PREFETCH
+        );
+        let _ = writeln!(
+            out,
+            "| published | consumed | first publish → last ack | **rate** | confirmed publish rate | CPU rabbitmq | CPU postgres | CPU bench | CPU other | CPU machine |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} s | **{:.0}/s** | {:.0}/s | {}% | {}% | {}% | {}% | {}% |\n",
+            b.published,
+            b.consumed,
+            b.elapsed.as_secs_f64(),
+            b.rate,
+            b.publish_rate,
+            pct(b.cpu.of("rabbitmq")),
+            pct(b.cpu.of("postgres")),
+            pct(b.cpu.of("bench")),
+            pct(b.cpu.other()),
+            pct(b.cpu.machine)
+        );
+    }
+
+    fn e2e(&self, out: &mut String) {
+        let Some(e) = &self.e2e else { return };
+        let p = &self.plan;
+        let _ = writeln!(
+            out,
+            "## End to end: HTTP → ingress → transformer → sender → sink, audit on\n"
+        );
+        let _ = writeln!(
+            out,
+            "The load generator posts a {}-byte CommCare form forward (JSON) to ingress at a fixed \
+             rate, open loop (requests are sent on schedule whether or not earlier ones were \
+             answered; at most {} in flight, a request over that cap is not sent and counts as an \
+             error). One route sends the channel to one destination, a sink in the bench process \
+             that answers 200 at once. **The route has no transform: transforms do not exist yet, \
+             so this measures routing only.** hiway-audit writes the whole audit trail to \
+             PostgreSQL meanwhile.\n",
+            crate::load::FORM.len(),
+            crate::load::MAX_IN_FLIGHT
+        );
+        let _ = writeln!(
+            out,
+            "- *offered*: requests due per second of load. *completed*: accepted messages that \
+             reached the sink by the step's end + {:.0} s, per second of load. *errors*: any \
+             answer but 202, transport errors, requests not sent.\n\
+             - *latency*: from the 202 reaching the load generator to the message reaching the \
+             sink (same process, same clock), over every message of the step.\n\
+             - *ready at end*: ready messages in the ingress, deliver (sink) and audit queues at \
+             the step's end; *max*: the largest seen (sampled every 250 ms).\n\
+             - *drain*: after the step, time until every queue was empty and every accepted \
+             message delivered (the next step starts only then).\n\
+             - **sustained** = no errors, ≥ {:.0}% of offered messages completed, and the queues \
+             flat: each holds at most {:.0}% of the step's offered messages ready at its end.\n",
+            p.grace.as_secs_f64(),
+            e2e::COMPLETED_FRACTION * 100.0,
+            e2e::FLAT_FRACTION * 100.0
+        );
+        let _ = writeln!(
+            out,
+            "| step | offered/s | accepted | completed/s | errors | ready at end (ingress/deliver/audit) | max ready | p50 ms | p95 ms | p99 ms | max ms | drain | sustained |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+        for s in &e.steps {
+            let lat = |f: fn(&e2e::Latency) -> Duration| {
+                s.latency.as_ref().map_or("-".into(), |l| ms(f(l)))
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {:.0} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                step_name(s),
+                s.offered_rate(),
+                s.accepted,
+                s.completed_rate(),
+                if s.errors.total() == 0 {
+                    "0".to_owned()
+                } else {
+                    s.errors.describe()
+                },
+                join(&s.depth_end),
+                join(&s.depth_max),
+                lat(|l| l.p50),
+                lat(|l| l.p95),
+                lat(|l| l.p99),
+                lat(|l| l.max),
+                s.drain.map_or_else(
+                    || format!(
+                        "not within the timeout ({} of {} delivered)",
+                        s.delivered, s.accepted
+                    ),
+                    |d| format!("{:.1} s", d.as_secs_f64())
+                ),
+                if s.sustained {
+                    "yes".to_owned()
+                } else {
+                    format!("no: {}", s.reasons.join("; "))
+                }
+            );
+        }
+        let _ = writeln!(out);
+        match e.best() {
+            Some(best) => {
+                let ratio = self.baseline.as_ref().map_or(String::new(), |b| {
+                    format!(", {:.2} × the baseline", f64::from(best.rate) / b.rate)
+                });
+                let below: Vec<String> = e
+                    .steps
+                    .iter()
+                    .filter(|s| s.kind == "ladder" && s.rate < best.rate && !s.sustained)
+                    .map(|s| format!("{}/s", s.rate))
+                    .collect();
+                let caveat = if below.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " Caution: {} below it {} not sustained, so hiway does not keep up \
+                         reliably at every rate up to it.",
+                        below.join(", "),
+                        if below.len() == 1 { "was" } else { "were" }
+                    )
+                };
+                let _ = writeln!(
+                    out,
+                    "**Highest sustained rate: {}/s**{ratio}. Ladder: {}.{caveat}\n",
+                    best.rate, e.ladder_end
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "**No step was sustained.** The ladder {}.\n",
+                    e.ladder_end
+                );
+            }
+        }
+
+        let _ = writeln!(
+            out,
+            "CPU during each step's load (% of one core) and peak resident memory (VmHWM, reset at each step's start):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| step | ingress | transformer | sender | audit | rabbitmq | postgres | bench | other | machine | peak MB ingress/transformer/sender/audit |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|");
+        for s in &e.steps {
+            let cpu = |l: &str| pct(s.cpu.of(l));
+            let peaks: Vec<String> = s
+                .peak_kb
+                .iter()
+                .map(|kb| kb.map_or("?".into(), |kb| format!("{:.1}", kb as f64 / 1024.0)))
+                .collect();
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}{} |",
+                step_name(s),
+                cpu("ingress"),
+                cpu("transformer"),
+                cpu("sender"),
+                cpu("audit"),
+                cpu("rabbitmq"),
+                cpu("postgres"),
+                cpu("bench"),
+                pct(s.cpu.other()),
+                pct(s.cpu.machine),
+                peaks.join(" / "),
+                if s.peak_reset {
+                    ""
+                } else {
+                    " (since start-up)"
+                }
+            );
+        }
+        let _ = writeln!(out);
+        let (duplicates, unidentified) = self.sink_anomalies;
+        if duplicates > 0 || unidentified > 0 {
+            let _ = writeln!(
+                out,
+                "The sinks saw {duplicates} redeliveries of a message they already had and {unidentified} requests without a message id.\n"
+            );
+        }
+    }
+
+    fn scaling(&self, out: &mut String) {
+        let Some(s) = &self.scaling else { return };
+        let _ = writeln!(
+            out,
+            "## Scaling per destination: a destination taking {} ms per request\n",
+            s.delay.as_millis()
+        );
+        let _ = writeln!(
+            out,
+            "Each cell preloads N messages into the destination's deliver queue (valid envelopes \
+             published straight to the deliver exchange, so ingress and the transformer take no \
+             part), starts the sender processes with `HIWAY_DESTINATIONS__SLOW__CONCURRENCY` set \
+             (prefetch stays at its default, 2 × concurrency) while hiway-audit writes the trail, \
+             and times the sink receiving all N: rate = N ÷ (first arrival → last answer). Ideal = \
+             processes × concurrency ÷ {} ms. CPU is measured from the processes' start to the \
+             last arrival (% of one core; *senders* is all sender processes together).\n",
+            s.delay.as_millis()
+        );
+        let _ = writeln!(
+            out,
+            "| concurrency per process | sender processes | messages | time | **delivered/s** | ideal/s | % of ideal | CPU senders | CPU audit | CPU rabbitmq | CPU postgres | CPU bench | CPU other | CPU machine |"
+        );
+        let _ = writeln!(
+            out,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for c in &s.cells {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {:.1} s | **{:.0}**{} | {:.0} | {:.0}% | {} | {} | {} | {} | {} | {} | {} |",
+                c.concurrency,
+                c.processes,
+                c.messages,
+                c.elapsed.as_secs_f64(),
+                c.rate,
+                if c.complete {
+                    String::new()
+                } else {
+                    format!(" (only {} arrived before the timeout)", c.delivered)
+                },
+                c.ideal,
+                c.rate / c.ideal * 100.0,
+                pct(c.cpu.of("senders")),
+                pct(c.cpu.of("audit")),
+                pct(c.cpu.of("rabbitmq")),
+                pct(c.cpu.of("postgres")),
+                pct(c.cpu.of("bench")),
+                pct(c.cpu.other()),
+                pct(c.cpu.machine)
+            );
+        }
+        let (_, summary) = scaling_verdict(s);
+        let _ = writeln!(out, "\nGrowth: {summary}.\n");
+    }
+
+    /// The busiest processes where it matters: at the highest sustained step and at the first
+    /// step above it that was not sustained.
+    fn cpu_hints(&self, out: &mut String) {
+        let Some(e) = &self.e2e else { return };
+        let Some(best) = e.best() else { return };
+        let above = e
+            .steps
+            .iter()
+            .filter(|s| s.kind == "ladder" && s.rate > best.rate && !s.sustained)
+            .min_by_key(|s| s.rate);
+        let _ = writeln!(out, "## Where the CPU goes\n");
+        for (what, s) in [
+            ("highest sustained step", Some(best)),
+            ("first step above it", above),
+        ] {
+            let Some(s) = s else { continue };
+            let mut per: Vec<(String, f64)> = s.cpu.per.clone();
+            if let Some(other) = s.cpu.other() {
+                per.push(("other".into(), other));
+            }
+            per.sort_by(|a, b| b.1.total_cmp(&a.1));
+            let _ = writeln!(
+                out,
+                "- {what} ({}/s): machine {}% of {}%; {}.",
+                s.rate,
+                pct(s.cpu.machine),
+                self.meta.cpus * 100,
+                per.iter()
+                    .map(|(l, v)| format!("{l} {v:.0}%"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    fn logs(&self, out: &mut String) {
+        if self.logs.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "## Service logs (level warn and above)\n");
+        let noisy: Vec<&LogSummary> = self.logs.iter().filter(|l| l.lines > 0).collect();
+        if noisy.is_empty() {
+            let _ = writeln!(out, "No service process logged a warning or an error.\n");
+            return;
+        }
+        let _ = writeln!(
+            out,
+            "| process | lines | first distinct lines |\n|---|---|---|"
+        );
+        for l in noisy {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                l.label,
+                l.lines,
+                l.samples
+                    .iter()
+                    .map(|s| format!("`{}`", s.replace('|', "\\|").replace('`', "'")))
+                    .collect::<Vec<_>>()
+                    .join("<br>")
+            );
+        }
+        let _ = writeln!(out);
+    }
+}
+
+fn step_name(s: &Step) -> String {
+    if s.kind == "ladder" {
+        format!("{}/s", s.rate)
+    } else {
+        format!("{}/s ({})", s.rate, s.kind)
+    }
+}
+
+fn join(v: &[u32]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+/// Whether sender throughput grew with each added process and with more concurrency, until
+/// the CPU was the limit; and a sentence saying so.
+///
+/// Compared in order: within each concurrency, each process count against the previous one;
+/// then, for each process count, each concurrency against the previous one. A comparison
+/// passes when the rate grew by at least 10%, or when either cell had the machine at least
+/// 85% busy (the CPU is the limit).
+pub fn scaling_verdict(s: &Scaling) -> (bool, String) {
+    let capacity = procfs::cpus() as f64 * 100.0;
+    let busy = |c: &crate::scaling::Cell| c.cpu.machine.unwrap_or(0.0) >= CPU_BOUND * capacity;
+    let mut grew = 0;
+    let mut cpu_bound = 0;
+    let mut failed = Vec::new();
+    let mut compare = |a: &crate::scaling::Cell, b: &crate::scaling::Cell| {
+        if b.rate >= GROWTH * a.rate {
+            grew += 1;
+        } else if busy(a) || busy(b) {
+            cpu_bound += 1;
+        } else {
+            failed.push(format!(
+                "{}×{} → {}×{}: {:.0}/s → {:.0}/s with the machine at {}%",
+                a.processes,
+                a.concurrency,
+                b.processes,
+                b.concurrency,
+                a.rate,
+                b.rate,
+                pct(b.cpu.machine)
+            ));
+        }
+    };
+    let mut concurrencies: Vec<usize> = s.cells.iter().map(|c| c.concurrency).collect();
+    concurrencies.dedup();
+    let mut processes: Vec<usize> = s.cells.iter().map(|c| c.processes).collect();
+    processes.sort_unstable();
+    processes.dedup();
+    for conc in &concurrencies {
+        let row: Vec<_> = s.cells.iter().filter(|c| c.concurrency == *conc).collect();
+        for pair in row.windows(2) {
+            compare(pair[0], pair[1]);
+        }
+    }
+    for procs in &processes {
+        let column: Vec<_> = s.cells.iter().filter(|c| c.processes == *procs).collect();
+        for pair in column.windows(2) {
+            compare(pair[0], pair[1]);
+        }
+    }
+    let total = grew + cpu_bound + failed.len();
+    let summary = if failed.is_empty() {
+        format!(
+            "{grew} of {total} steps grew ≥ 10%; {cpu_bound} did not with the machine ≥ {:.0}% busy (CPU-bound)",
+            CPU_BOUND * 100.0
+        )
+    } else {
+        format!(
+            "{grew} of {total} steps grew ≥ 10%, {cpu_bound} were CPU-bound; did not grow while CPU was left: {}",
+            failed.join("; ")
+        )
+    };
+    (failed.is_empty() && total > 0, summary)
+}
