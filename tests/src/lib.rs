@@ -613,6 +613,32 @@ where
     }
 }
 
+/// Runs one of the project's `deploy/` scripts and panics with its output if it fails.
+pub(crate) fn deploy_script(script: &str, args: &[&str]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(script);
+    let output = Command::new("bash")
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run a deploy script");
+    assert!(
+        output.status.success(),
+        "deploy/{script} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs a `deploy/` script for cleanup, where a failure must not panic (from `Drop`).
+pub(crate) fn deploy_script_quietly(script: &str, args: &[&str]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(script);
+    let _ = Command::new("bash").arg(path).args(args).output();
+}
+
 /// The path of a workspace binary, built once per test run so it matches the code under
 /// test.
 pub fn binary(name: &str) -> PathBuf {

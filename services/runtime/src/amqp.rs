@@ -138,7 +138,8 @@ impl Broker {
         Ok(Publisher {
             channel,
             timeout: self.publish_timeout,
-            names: self.names.clone(),
+            audit_exchange: self.names.audit_exchange().into(),
+            dead_exchange: self.names.dead_exchange().into(),
         })
     }
 
@@ -174,7 +175,9 @@ impl Broker {
 pub struct Publisher {
     channel: Channel,
     timeout: Duration,
-    names: Names,
+    // Made once per channel, not per publish: ingress clones the publisher for every request.
+    audit_exchange: std::sync::Arc<str>,
+    dead_exchange: std::sync::Arc<str>,
 }
 
 impl Publisher {
@@ -224,7 +227,7 @@ impl Publisher {
             .with_content_type("application/json".into())
             .with_delivery_mode(2);
         self.publish(
-            &self.names.audit_exchange(),
+            &self.audit_exchange,
             hiway_proto::names::AUDIT_KEY,
             &body,
             props,
@@ -295,7 +298,7 @@ impl Publisher {
             long_string(&uuid::Uuid::now_v7().to_string()),
         );
         let props = properties.with_headers(headers).with_delivery_mode(2);
-        self.publish(&self.names.dead_exchange(), routing_key, body, props)
+        self.publish(&self.dead_exchange, routing_key, body, props)
             .await
     }
 

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use hiway_config::Config;
+use hiway_proto::Envelope;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
-use hiway_proto::{Envelope, Names};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Broker, Publisher};
@@ -98,8 +98,9 @@ async fn session(
         .consumer(conn, &names.ingress_queue(), "hiway-transformer", prefetch)
         .await?;
     tracing::info!(queue = %names.ingress_queue(), prefetch, "transformer consuming");
+    let deliver_exchange = names.deliver_exchange();
     let ended = consume_concurrently(consumer, usize::from(prefetch), stop, drain, |delivery| {
-        route(&publisher, names, routes, delivery)
+        route(&publisher, &deliver_exchange, routes, delivery)
     })
     .await;
     close_channel(&channel).await;
@@ -108,7 +109,7 @@ async fn session(
 }
 
 /// Routes one delivery and settles it.
-async fn route(publisher: &Publisher, names: &Names, routes: &Routes, delivery: Delivery) {
+async fn route(publisher: &Publisher, deliver_exchange: &str, routes: &Routes, delivery: Delivery) {
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
@@ -152,13 +153,12 @@ async fn route(publisher: &Publisher, names: &Names, routes: &Routes, delivery: 
         };
         let events = [received, AuditEvent::now(envelope.id, SERVICE, outcome)];
 
-        let deliver_exchange = names.deliver_exchange();
         let publishes = copies.iter().map(|c| {
             let props = envelope
                 .for_destination(c.destination.clone(), c.route.clone())
                 .to_properties();
             publisher.publish(
-                &deliver_exchange,
+                deliver_exchange,
                 c.destination.as_str(),
                 &delivery.data,
                 props,
