@@ -39,6 +39,16 @@ pub struct Envelope {
     pub replay: u32,
     /// W3C trace context of the request that brought it in.
     pub traceparent: Option<String>,
+    /// Set when a route's transform made this copy: which of its outputs it is (0-based), so
+    /// that each output has its own idempotency key.
+    pub part: Option<u32>,
+    /// A path, relative to the destination's URL, chosen by a transform that emits requests.
+    pub path: Option<String>,
+    /// An HTTP method chosen by a transform that emits requests.
+    pub method: Option<String>,
+    /// Set on copies made by an on-dead route (from a dead letter): such a copy going dead
+    /// does not trigger on-dead routes again, so failures cannot loop.
+    pub from_dead: bool,
 }
 
 /// Why AMQP properties do not make an envelope. Such a message is poison: it is dead-lettered,
@@ -78,6 +88,21 @@ impl Envelope {
             attempt: 0,
             replay: 0,
             traceparent: None,
+            part: None,
+            path: None,
+            method: None,
+            from_dead: false,
+        }
+    }
+
+    /// The key a destination can dedupe on: the message id for an untransformed copy; with the
+    /// route and output index added for a transform's output, so that two outputs of one
+    /// message (or two routes' outputs) are never taken for duplicates of each other, while a
+    /// retry of the same output keeps its key.
+    pub fn idempotency_key(&self) -> String {
+        match (&self.route, self.part) {
+            (Some(route), Some(part)) => format!("{}:{route}:{part}", self.id),
+            _ => self.id.to_string(),
         }
     }
 
@@ -87,6 +112,9 @@ impl Envelope {
             destination: Some(destination),
             route: Some(route),
             attempt: 0,
+            part: None,
+            path: None,
+            method: None,
             ..self.clone()
         }
     }
@@ -114,6 +142,18 @@ impl Envelope {
         h.insert(headers::REPLAY.into(), AMQPValue::LongUInt(self.replay));
         if let Some(traceparent) = &self.traceparent {
             h.insert(headers::TRACEPARENT.into(), long_string(traceparent));
+        }
+        if let Some(part) = self.part {
+            h.insert(headers::PART.into(), AMQPValue::LongUInt(part));
+        }
+        if let Some(path) = &self.path {
+            h.insert(headers::PATH.into(), long_string(path));
+        }
+        if let Some(method) = &self.method {
+            h.insert(headers::METHOD.into(), long_string(method));
+        }
+        if self.from_dead {
+            h.insert(headers::FROM_DEAD.into(), AMQPValue::Boolean(true));
         }
         BasicProperties::default()
             .with_message_id(ShortString::from(self.id.to_string()))
@@ -172,6 +212,20 @@ impl Envelope {
             attempt: counter(h, headers::ATTEMPT)?,
             replay: counter(h, headers::REPLAY)?,
             traceparent: text(h, headers::TRACEPARENT)?,
+            part: int(h, headers::PART)?
+                .map(|v| {
+                    u32::try_from(v).map_err(|_| EnvelopeError::Invalid {
+                        field: headers::PART,
+                        reason: format!("{v} is not an index"),
+                    })
+                })
+                .transpose()?,
+            path: text(h, headers::PATH)?,
+            method: text(h, headers::METHOD)?,
+            from_dead: matches!(
+                h.inner().get(headers::FROM_DEAD),
+                Some(AMQPValue::Boolean(true))
+            ),
         })
     }
 }
@@ -238,6 +292,33 @@ mod tests {
         );
         e.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
         e
+    }
+
+    #[test]
+    fn a_transform_output_keeps_its_index_path_and_method_through_amqp() {
+        let mut copy = sample().for_destination(
+            DestinationName::parse("primero").unwrap(),
+            RouteName::parse("sync-failed").unwrap(),
+        );
+        copy.part = Some(2);
+        copy.path = Some("cases/4a7c".into());
+        copy.method = Some("PATCH".into());
+        copy.from_dead = true;
+        let back = Envelope::from_properties(&copy.to_properties()).unwrap();
+        assert_eq!(back.part, Some(2));
+        assert_eq!(back.path.as_deref(), Some("cases/4a7c"));
+        assert_eq!(back.method.as_deref(), Some("PATCH"));
+        assert!(back.from_dead);
+        assert_eq!(back.idempotency_key(), format!("{}:sync-failed:2", copy.id));
+    }
+
+    #[test]
+    fn an_untransformed_copy_is_keyed_by_its_message_id_alone() {
+        let copy = sample().for_destination(
+            DestinationName::parse("dhis2").unwrap(),
+            RouteName::parse("forms").unwrap(),
+        );
+        assert_eq!(copy.idempotency_key(), copy.id.to_string());
     }
 
     #[test]

@@ -23,6 +23,14 @@ pub const ROUTE: &str = "x-hiway-route";
 pub const ATTEMPT: &str = "x-hiway-attempt";
 /// How many times an operator replayed this copy.
 pub const REPLAY: &str = "x-hiway-replay";
+/// Which output of a route's transform this copy is (0-based).
+pub const PART: &str = "x-hiway-part";
+/// A path relative to the destination's URL, chosen by a transform.
+pub const PATH: &str = "x-hiway-path";
+/// An HTTP method chosen by a transform.
+pub const METHOD: &str = "x-hiway-method";
+/// Present (true) on copies made by an on-dead route.
+pub const FROM_DEAD: &str = "x-hiway-from-dead";
 /// W3C trace context, so one trace covers the whole path.
 pub const TRACEPARENT: &str = "traceparent";
 

@@ -40,6 +40,7 @@ const SECTIONS: &[&str] = &[
     "channels",
     "destinations",
     "routes",
+    "lookups",
 ];
 
 /// Why the configuration could not be loaded.
@@ -95,6 +96,14 @@ pub struct Config {
     /// Which channels go to which destinations, by name.
     #[serde(default)]
     pub routes: BTreeMap<RouteName, RouteConfig>,
+    /// Lookup tables filters and transforms read as `$name`, by name.
+    #[serde(default)]
+    pub lookups: BTreeMap<String, LookupConfig>,
+    /// The directory relative file names (transform files, lookup tables) are read from: the
+    /// `--config` directory, or the directory of the `--config` file; the working directory
+    /// when there is none.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
 }
 
 /// `[broker]`
@@ -318,6 +327,87 @@ pub struct DestinationConfig {
     /// When a sender stops sending to a destination that keeps failing.
     #[serde(default)]
     pub circuit: CircuitConfig,
+    /// Settings of the `dhis2` kind.
+    #[serde(default)]
+    pub dhis2: Dhis2Settings,
+    /// Settings of the `fhir` kind.
+    #[serde(default)]
+    pub fhir: FhirSettings,
+    /// Settings of the `openmrs` kind.
+    #[serde(default)]
+    pub openmrs: OpenmrsSettings,
+}
+
+/// `[destinations.<name>.dhis2]`: how the `dhis2` kind follows asynchronous imports.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dhis2Settings {
+    /// Wait between two polls of an import job.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a job may run before the delivery counts as a retryable failure (re-sending
+    /// is safe: data values are upserts, tracker imports use client UIDs).
+    #[serde(default = "default_poll_timeout", with = "humantime_serde")]
+    pub poll_timeout: Duration,
+}
+
+impl Default for Dhis2Settings {
+    fn default() -> Self {
+        Self {
+            poll_interval: default_poll_interval(),
+            poll_timeout: default_poll_timeout(),
+        }
+    }
+}
+
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_poll_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+/// `[destinations.<name>.fhir]`: how the `fhir` kind treats version conflicts.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirSettings {
+    /// A 409 (version conflict) is retried this many times, then the message is dead.
+    #[serde(default = "default_conflict_retries")]
+    pub conflict_retries: u32,
+}
+
+impl Default for FhirSettings {
+    fn default() -> Self {
+        Self {
+            conflict_retries: default_conflict_retries(),
+        }
+    }
+}
+
+fn default_conflict_retries() -> u32 {
+    3
+}
+
+/// `[destinations.<name>.openmrs]`: how the `openmrs` kind undoes a failed workflow.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenmrsSettings {
+    /// Roll back with `?purge=true` (really delete) rather than void/retire.
+    #[serde(default = "default_true")]
+    pub purge_on_rollback: bool,
+}
+
+impl Default for OpenmrsSettings {
+    fn default() -> Self {
+        Self {
+            purge_on_rollback: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[destinations.<name>.circuit]`: the circuit breaker.
@@ -434,8 +524,12 @@ pub enum DestinationKind {
     #[default]
     Http,
     /// DHIS2: the import summary in the body decides too (DHIS2 before 2.38 answers 200 even
-    /// when it rejected values).
+    /// when it rejected values); asynchronous imports are followed to their real outcome.
     Dhis2,
+    /// A FHIR server: transaction bundles posted to the base URL, OperationOutcomes read.
+    Fhir,
+    /// OpenMRS REST: a patient/visit/encounter/observations workflow, rolled back on failure.
+    Openmrs,
 }
 
 /// How hiway authenticates to a destination.
@@ -454,6 +548,12 @@ pub enum DestinationAuth {
         /// Token reference.
         token: SecretRef,
     },
+    /// `Authorization: ApiToken …`: a DHIS2 personal access token (`d2pat_…`).
+    #[serde(rename = "api-token")]
+    ApiToken {
+        /// Token reference.
+        token: SecretRef,
+    },
 }
 
 /// `[routes.<name>]`: from these channels to these destinations.
@@ -461,9 +561,69 @@ pub enum DestinationAuth {
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Channels whose messages this route takes.
+    #[serde(default)]
     pub channels: Vec<ChannelName>,
+    /// Instead of channels: dead letters of these destinations (an on-failure route).
+    #[serde(default)]
+    pub on_dead: Vec<DestinationName>,
     /// Destinations each message goes to.
     pub destinations: Vec<DestinationName>,
+    /// A jq filter: the message takes this route only when its first output is true.
+    pub filter: Option<String>,
+    /// A jq program whose outputs (zero, one or many) are sent instead of the message.
+    pub transform: Option<String>,
+    /// The same, read from a file (relative to the configuration directory).
+    pub transform_file: Option<PathBuf>,
+    /// What the transform's outputs are: request bodies, or requests with a path and method.
+    #[serde(default)]
+    pub emits: Emits,
+}
+
+/// What a route's transform emits.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Emits {
+    /// Each output is a request body (JSON).
+    #[default]
+    Body,
+    /// Each output is `{"body": …, "path": "…"?, "method": "…"?}`: the path is appended to the
+    /// destination's URL and the method replaces its method.
+    Requests,
+}
+
+/// `[lookups.<name>]`: a table filters and transforms read as `$<name>`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupConfig {
+    /// A `.csv` or `.json` file, relative to the configuration directory.
+    pub file: PathBuf,
+    /// CSV only: the column whose values are the keys.
+    pub key: Option<String>,
+    /// CSV only: the column whose values are the values; without it each key maps to its
+    /// whole row as an object.
+    pub value: Option<String>,
+}
+
+impl RouteConfig {
+    /// The transform's source text and where it came from, reading `transform_file`.
+    pub fn transform_source(&self, base_dir: &Path) -> Option<Result<(String, String), String>> {
+        if let Some(t) = &self.transform {
+            return Some(Ok((t.clone(), "transform".into())));
+        }
+        self.transform_file.as_ref().map(|f| {
+            let path = base_dir.join(f);
+            std::fs::read_to_string(&path)
+                .map(|t| (t, path.display().to_string()))
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+        })
+    }
+}
+
+impl LookupConfig {
+    /// Where the table's file is.
+    pub fn path(&self, base_dir: &Path) -> PathBuf {
+        base_dir.join(&self.file)
+    }
 }
 
 impl Config {
@@ -481,7 +641,7 @@ impl Config {
     /// layer: for tests and tools that hold a configuration in memory.
     pub fn from_toml(toml: &str) -> Result<Self, ConfigError> {
         let figment = Figment::from(Toml::string(DEFAULT_TOML)).merge(Toml::string(toml));
-        extract(figment)
+        extract(figment, PathBuf::new())
     }
 
     fn validate(&self, figment: &Figment) -> Result<(), ConfigError> {
@@ -670,7 +830,9 @@ impl Config {
             if let Some(auth) = &d.auth {
                 let secret = match auth {
                     DestinationAuth::Basic { password, .. } => ("password", password),
-                    DestinationAuth::Bearer { token } => ("token", token),
+                    DestinationAuth::Bearer { token } | DestinationAuth::ApiToken { token } => {
+                        ("token", token)
+                    }
                 };
                 if let Err(e) = secret.1.resolve() {
                     err(format!("destinations.{name}.auth.{}", secret.0), e);
@@ -679,11 +841,42 @@ impl Config {
         }
 
         for (name, route) in &self.routes {
-            if route.channels.is_empty() {
-                err(
+            match (route.channels.is_empty(), route.on_dead.is_empty()) {
+                (true, true) => err(
                     format!("routes.{name}.channels"),
-                    "must name at least one channel".into(),
+                    "must name at least one channel (or on_dead: destinations whose dead letters the route takes)".into(),
+                ),
+                (false, false) => err(
+                    format!("routes.{name}.on_dead"),
+                    "a route takes either channels or dead letters (on_dead), not both".into(),
+                ),
+                _ => {}
+            }
+            for (i, d) in route.on_dead.iter().enumerate() {
+                if !self.destinations.contains_key(d) {
+                    err(
+                        format!("routes.{name}.on_dead[{i}]"),
+                        format!("unknown destination \"{d}\""),
+                    );
+                }
+            }
+            if route.transform.is_some() && route.transform_file.is_some() {
+                err(
+                    format!("routes.{name}.transform_file"),
+                    "give transform or transform_file, not both".into(),
                 );
+            }
+            if route.emits == Emits::Requests
+                && route.transform.is_none()
+                && route.transform_file.is_none()
+            {
+                err(
+                    format!("routes.{name}.emits"),
+                    "\"requests\" needs a transform that makes them".into(),
+                );
+            }
+            if let Some(Err(e)) = route.transform_source(&self.base_dir) {
+                err(format!("routes.{name}.transform_file"), e);
             }
             if route.destinations.is_empty() {
                 err(
@@ -706,6 +899,48 @@ impl Config {
                         format!("unknown destination \"{d}\""),
                     );
                 }
+            }
+        }
+        for (name, lookup) in &self.lookups {
+            if !name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
+                err(
+                    format!("lookups.{name}"),
+                    "a lookup's name is a jq variable name: letters, digits and '_', not starting with a digit".into(),
+                );
+            }
+            let path = lookup.path(&self.base_dir);
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("csv") => {
+                    if lookup.key.is_none() {
+                        err(
+                            format!("lookups.{name}.key"),
+                            "a CSV table needs the column its keys are in".into(),
+                        );
+                    }
+                }
+                Some("json") => {
+                    if lookup.key.is_some() || lookup.value.is_some() {
+                        err(
+                            format!("lookups.{name}.key"),
+                            "key and value are for CSV tables; a JSON file is used as it is".into(),
+                        );
+                    }
+                }
+                _ => err(
+                    format!("lookups.{name}.file"),
+                    format!("{} is neither .csv nor .json", path.display()),
+                ),
+            }
+            if !path.is_file() {
+                err(
+                    format!("lookups.{name}.file"),
+                    format!("{} does not exist or is not a file", path.display()),
+                );
             }
         }
         for (i, d) in self.sender.destinations.iter().enumerate() {
@@ -733,6 +968,11 @@ fn method_with_body(method: &str) -> Option<()> {
 /// Loads the configuration: defaults, then `path` (a file, or a directory of `*.toml` files
 /// read in name order), then `HIWAY_*` environment variables; then validates it.
 pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    let base_dir = match path {
+        Some(p) if p.is_dir() => p.to_owned(),
+        Some(p) => p.parent().map(Path::to_owned).unwrap_or_default(),
+        None => PathBuf::new(),
+    };
     let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
     if let Some(path) = path {
         for file in config_files(path)? {
@@ -748,11 +988,12 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
                 SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
             }),
     );
-    extract(figment)
+    extract(figment, base_dir)
 }
 
-fn extract(figment: Figment) -> Result<Config, ConfigError> {
-    let config: Config = figment.extract().map_err(Box::new)?;
+fn extract(figment: Figment, base_dir: PathBuf) -> Result<Config, ConfigError> {
+    let mut config: Config = figment.extract().map_err(Box::new)?;
+    config.base_dir = base_dir;
     config.validate(&figment)?;
     Ok(config)
 }

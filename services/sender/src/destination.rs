@@ -63,6 +63,8 @@ pub struct Destination {
     pub retry: RetryConfig,
     /// When to stop sending to it.
     pub circuit: CircuitConfig,
+    /// Its whole configuration, for the settings of its kind.
+    pub config: DestinationConfig,
 }
 
 impl Destination {
@@ -100,6 +102,12 @@ impl Destination {
                 DestinationAuth::Bearer { token } => {
                     format!("Bearer {}", token.resolve().map_err(secret_error)?.expose())
                 }
+                DestinationAuth::ApiToken { token } => {
+                    format!(
+                        "ApiToken {}",
+                        token.resolve().map_err(secret_error)?.expose()
+                    )
+                }
             };
             let mut value = HeaderValue::try_from(value)
                 .map_err(|_| header_error("the credentials are not valid in a header".into()))?;
@@ -135,6 +143,7 @@ impl Destination {
             kind: config.kind,
             retry: config.retry.clone(),
             circuit: config.circuit.clone(),
+            config: config.clone(),
         })
     }
 }

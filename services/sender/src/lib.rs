@@ -16,7 +16,7 @@
 
 mod circuit;
 mod destination;
-mod dhis2;
+mod kinds;
 pub mod outcome;
 mod retry;
 
@@ -27,14 +27,13 @@ use bytes::Bytes;
 use futures_util::future::try_join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind};
-use hiway_proto::{Envelope, Names, headers};
+use hiway_proto::{Envelope, Names};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Broker, Publisher};
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
-use reqwest::header::CONTENT_TYPE;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -248,7 +247,7 @@ async fn deliver(
         // Moved, not copied: the same buffer is the request body and, if needed, the retry.
         let body = Bytes::from(data);
         let started = Instant::now();
-        let outcome = send(destination, &envelope, body.clone()).await;
+        let outcome = kinds::send(destination, &envelope, body.clone()).await;
         let duration_ms = started.elapsed().as_millis() as u64;
         if let Some(status) = outcome.status() {
             tracing::Span::current().record("status", status);
@@ -392,32 +391,6 @@ async fn settle(acker: &lapin::Acker, durable: Result<(), hiway_runtime::Publish
                     ..Default::default()
                 })
                 .await;
-        }
-    }
-}
-
-/// Makes the HTTP request and reads the answer.
-async fn send(destination: &Destination, envelope: &Envelope, body: Bytes) -> Outcome {
-    let id = envelope.id.to_string();
-    let request = destination
-        .client
-        .request(destination.method.clone(), destination.url.clone())
-        .headers(destination.headers.clone())
-        .header(CONTENT_TYPE, &envelope.content_type)
-        .header(headers::HTTP_IDEMPOTENCY_KEY, &id)
-        .header(headers::HTTP_MESSAGE_ID, &id)
-        .body(body);
-    match request.send().await {
-        Err(e) => outcome::transport_error(&e),
-        Ok(response) => {
-            let status = response.status();
-            let response_headers = response.headers().clone();
-            // The body is read either way: on success so the connection returns to the pool,
-            // and because it may hold the verdict (DHIS2) or the destination's own words.
-            match response.bytes().await {
-                Ok(body) => outcome::classify(destination.kind, status, &response_headers, &body),
-                Err(e) => outcome::transport_error(&e),
-            }
         }
     }
 }

@@ -15,7 +15,7 @@ use hiway_config::DestinationKind;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 
-use crate::dhis2;
+use crate::kinds::dhis2;
 
 /// How much of an answer's body is kept as its error text: enough for a DHIS2 conflict list or
 /// an OperationOutcome, bounded so one answer cannot bloat the audit trail.

@@ -119,3 +119,24 @@ fn read_tracker_report(report: &Value) -> Result<(), String> {
         Ok(())
     }
 }
+
+/// Sends one message to DHIS2; the import answer in the body decides.
+pub(crate) async fn send(
+    destination: &crate::destination::Destination,
+    envelope: &hiway_proto::Envelope,
+    body: bytes::Bytes,
+) -> crate::outcome::Outcome {
+    let request = match super::http::message_request(destination, envelope) {
+        Ok(r) => r,
+        Err(outcome) => return outcome,
+    };
+    match super::http::exchange(request.body(body)).await {
+        Ok(a) => crate::outcome::classify(
+            hiway_config::DestinationKind::Dhis2,
+            a.status,
+            &a.headers,
+            &a.body,
+        ),
+        Err(outcome) => outcome,
+    }
+}
