@@ -6,6 +6,10 @@
 
 mod bus;
 mod cli;
+mod dhis2;
 mod failures;
+mod fhir;
 mod ingress;
+mod openmrs;
 mod senders;
+mod transforms;

@@ -9,6 +9,7 @@
 //! (defaults: the ones `deploy/deps.sh` sets up). A missing one fails the test; it is never
 //! skipped.
 
+pub mod doubles;
 pub mod pg_node;
 pub mod rabbit_node;
 mod receiver;

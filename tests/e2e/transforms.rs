@@ -1,0 +1,1 @@
+//! End-to-end tests of filters, transforms and lookup tables (being built).

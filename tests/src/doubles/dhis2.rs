@@ -1,0 +1,1 @@
+//! The dhis2 double (being built).

@@ -1,0 +1,1 @@
+//! The fhir double (being built).

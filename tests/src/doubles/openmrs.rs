@@ -1,0 +1,1 @@
+//! The openmrs double (being built).
