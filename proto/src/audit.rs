@@ -57,6 +57,16 @@ pub enum AuditKind {
         /// Channel it came in on.
         channel: ChannelName,
     },
+    /// A route's rule turned the message away: its filter was false, or its transform made
+    /// nothing of it. The message is done as far as this route goes.
+    Filtered {
+        /// Channel it came in on.
+        channel: ChannelName,
+        /// The route.
+        route: RouteName,
+        /// Which rule: "filter" or "transform emitted nothing".
+        reason: String,
+    },
     /// One delivery attempt that did not succeed.
     Attempted {
         /// Where it was sent.
@@ -135,6 +145,9 @@ pub struct RoutedCopy {
     pub route: RouteName,
     /// The destination it sends to.
     pub destination: DestinationName,
+    /// Which output of the route's transform the copy is, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<u32>,
 }
 
 impl AuditEvent {
@@ -155,6 +168,7 @@ impl AuditEvent {
             AuditKind::Received { .. } => "received",
             AuditKind::Routed { .. } => "routed",
             AuditKind::Unrouted { .. } => "unrouted",
+            AuditKind::Filtered { .. } => "filtered",
             AuditKind::Attempted { .. } => "attempted",
             AuditKind::Delivered { .. } => "delivered",
             AuditKind::Dead { .. } => "dead",

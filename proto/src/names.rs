@@ -83,6 +83,12 @@ impl Names {
         format!("{}.dead", self.prefix)
     }
 
+    /// The transformer takes a copy of every dead letter from this queue, for on-dead routes
+    /// (declared only when such routes exist).
+    pub fn on_dead_queue(&self) -> String {
+        format!("{}.on-dead", self.prefix)
+    }
+
     /// Every service publishes audit batches here.
     pub fn audit_exchange(&self) -> String {
         format!("{}.audit", self.prefix)
@@ -98,7 +104,12 @@ impl Names {
         &self,
         destinations: impl IntoIterator<Item = &'a DestinationName>,
     ) -> Vec<String> {
-        let mut queues = vec![self.ingress_queue(), self.audit_queue(), self.dead_queue()];
+        let mut queues = vec![
+            self.ingress_queue(),
+            self.audit_queue(),
+            self.dead_queue(),
+            self.on_dead_queue(),
+        ];
         queues.extend(destinations.into_iter().map(|d| self.deliver_queue(d)));
         queues
     }

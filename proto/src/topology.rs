@@ -129,6 +129,24 @@ pub async fn declare(
 }
 
 /// Queue arguments, built up from a durable quorum queue.
+/// Declares the queue on-dead routes read: a second copy of every dead letter (the audit
+/// service stores the first). It has no dead-letter exchange of its own, so a copy the
+/// transformer cannot handle is dropped after `delivery_limit` deliveries rather than dead
+/// again in a loop; the dead letter itself is stored either way.
+pub async fn declare_on_dead(
+    channel: &Channel,
+    names: &Names,
+    delivery_limit: u32,
+) -> Result<(), lapin::Error> {
+    queue(
+        channel,
+        &names.on_dead_queue(),
+        Args::quorum().delivery_limit(delivery_limit),
+    )
+    .await?;
+    bind(channel, &names.on_dead_queue(), &names.dead_exchange(), "").await
+}
+
 struct Args(FieldTable);
 
 impl Args {

@@ -91,3 +91,265 @@ fn secrets_never_show_in_the_configuration_printout() {
     assert!(stdout.contains("[redacted]"), "{stdout}");
     assert!(!stdout.contains("s3cret"), "{stdout}");
 }
+
+/// Runs `hiway config check` on a directory; returns (success, stderr).
+fn check(dir: &std::path::Path) -> (bool, String) {
+    let output = Command::new(binary("hiway"))
+        .args(["config", "check", "--config"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+const BASE: &str = r#"
+[clients.c]
+api_key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+[channels.forms]
+clients = ["c"]
+[destinations.dhis2]
+url = "http://127.0.0.1:1/api/tracker"
+"#;
+
+#[test]
+fn config_check_names_each_mistake_in_a_route() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-base.toml", BASE);
+    write(
+        dir.path(),
+        "20-routes.toml",
+        r#"
+[routes.both]
+channels = ["forms"]
+on_dead = ["dhis2"]
+destinations = ["dhis2"]
+[routes.ghost]
+on_dead = ["nowhere"]
+destinations = ["dhis2"]
+[routes.requests-of-nothing]
+channels = ["forms"]
+destinations = ["dhis2"]
+emits = "requests"
+[routes.two-programs]
+channels = ["forms"]
+destinations = ["dhis2"]
+transform = "."
+transform_file = "t.jq"
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    for expected in [
+        "routes.both.on_dead: a route takes either channels or dead letters",
+        "routes.ghost.on_dead[0]: unknown destination \"nowhere\"",
+        "routes.requests-of-nothing.emits: \"requests\" needs a transform",
+        "routes.two-programs.transform_file: give transform or transform_file, not both",
+        "20-routes.toml",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn config_check_names_the_file_route_and_position_of_a_jq_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-base.toml", BASE);
+    std::fs::create_dir(dir.path().join("transforms")).unwrap();
+    write(
+        dir.path(),
+        "transforms/event.jq",
+        "{program: \"eBAyeGv0exc\",\n orgUnit: $orgunits[.facility]}\n",
+    );
+    write(
+        dir.path(),
+        "20-routes.toml",
+        r#"
+[routes.bad-syntax]
+channels = ["forms"]
+destinations = ["dhis2"]
+filter = '.form | select(.type == "visit"'
+[routes.unknown-table]
+channels = ["forms"]
+destinations = ["dhis2"]
+transform_file = "transforms/event.jq"
+[routes.missing-file]
+channels = ["forms"]
+destinations = ["dhis2"]
+transform_file = "transforms/nope.jq"
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    for expected in [
+        "routes.bad-syntax.filter (in ",
+        "20-routes.toml): jq: line 1, column 32: expected closing parenthesis",
+        "routes.unknown-table.transform_file",
+        "event.jq: jq: line 2, column 11: undefined variable $orgunits",
+        "routes.missing-file.transform_file (in ",
+        "cannot read",
+        "nope.jq",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn config_check_names_each_mistake_in_a_lookup_table() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-base.toml", BASE);
+    write(dir.path(), "dupes.csv", "code,uid\nA,x\nA,y\n");
+    write(dir.path(), "cols.csv", "code,uid\nA,x\n");
+    write(dir.path(), "broken.json", "{\"a\": [1,}");
+    write(
+        dir.path(),
+        "30-lookups.toml",
+        r#"
+[lookups.gone]
+file = "missing.csv"
+key = "code"
+[lookups.nokey]
+file = "cols.csv"
+[lookups.dupes]
+file = "dupes.csv"
+key = "code"
+value = "uid"
+[lookups.badcol]
+file = "cols.csv"
+key = "code"
+value = "label"
+[lookups.broken]
+file = "broken.json"
+[lookups.what]
+file = "cols.txt"
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    for expected in [
+        "lookups.gone.file:",
+        "missing.csv does not exist",
+        "lookups.nokey.key: a CSV table needs the column its keys are in",
+        "lookups.what.file:",
+        "is neither .csv nor .json",
+        "30-lookups.toml",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    // With the structural mistakes fixed, the contents are checked too.
+    write(
+        dir.path(),
+        "30-lookups.toml",
+        r#"
+[lookups.dupes]
+file = "dupes.csv"
+key = "code"
+value = "uid"
+[lookups.badcol]
+file = "cols.csv"
+key = "code"
+value = "label"
+[lookups.broken]
+file = "broken.json"
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    for expected in [
+        "lookups.dupes.file:",
+        "line 3: the key \"A\" appears twice",
+        "lookups.badcol.file:",
+        "\"label\" is not in the header row (code, uid)",
+        "lookups.broken.file:",
+        "broken.json is not JSON",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn config_check_names_each_mistake_in_a_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-base.toml", BASE);
+    write(
+        dir.path(),
+        "40-destinations.toml",
+        r#"
+[destinations.ftp]
+url = "ftp://example.org/"
+[destinations.kindless]
+kind = "hl7v2"
+url = "http://127.0.0.1:1/"
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    assert!(stderr.contains("hl7v2"), "{stderr}");
+    assert!(stderr.contains("40-destinations.toml"), "{stderr}");
+
+    write(
+        dir.path(),
+        "40-destinations.toml",
+        r#"
+[destinations.ftp]
+url = "ftp://example.org/"
+method = "GET"
+concurrency = 0
+retry = { schedule = ["10s"], jitter = 1.5 }
+[destinations.pat]
+kind = "dhis2"
+url = "http://127.0.0.1:1/api/dataValueSets"
+auth = { type = "api-token", token = { env = "HIWAY_TEST_UNSET_TOKEN" } }
+[destinations.badheader]
+url = "http://127.0.0.1:1/"
+headers = { "X-Note" = "line one\nline two" }
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    for expected in [
+        "destinations.ftp.url: must be an http or https URL",
+        "destinations.ftp.method: \"GET\" is not an HTTP method",
+        "destinations.ftp.concurrency: must be at least 1",
+        "destinations.ftp.retry.jitter: must be at least 0 and below 1",
+        "destinations.pat.auth.token:",
+        "HIWAY_TEST_UNSET_TOKEN",
+        "40-destinations.toml",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+
+    write(
+        dir.path(),
+        "40-destinations.toml",
+        r#"
+[destinations.badheader]
+url = "http://127.0.0.1:1/"
+headers = { "X-Note" = "line one\nline two" }
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    assert!(
+        stderr.contains("destinations.badheader.headers: \"X-Note\""),
+        "{stderr}"
+    );
+}

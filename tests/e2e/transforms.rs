@@ -1,1 +1,277 @@
-//! End-to-end tests of filters, transforms and lookup tables (being built).
+//! Filters, transforms and lookup tables on routes, end to end: what each message becomes,
+//! what the trail says, and what happens when a program fails on one message.
+
+use std::time::Duration;
+
+use hiway_tests::{Receiver, TestHiway, eventually};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn sink(name: &str, receiver: &Receiver) -> String {
+    format!(
+        "[destinations.{name}]\nurl = \"{}\"\nretry = {{ schedule = [\"100ms\"], jitter = 0.0 }}\n",
+        receiver.url("/")
+    )
+}
+
+#[tokio::test]
+async fn a_filter_lets_through_only_the_messages_it_selects_and_the_trail_says_why_the_others_stopped()
+ {
+    let visits = Receiver::start().await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.forms]
+clients = ["source"]
+{}
+[routes.visits-only]
+channels = ["forms"]
+destinations = ["visits"]
+filter = '.form."@name" == "Household Visit"'
+"#,
+        sink("visits", &visits)
+    ))
+    .await;
+
+    let kept = app
+        .post_json(
+            "forms",
+            &json!({"form": {"@name": "Household Visit", "n": 1}}),
+        )
+        .await;
+    let dropped = app
+        .post_json("forms", &json!({"form": {"@name": "Registration"}}))
+        .await;
+
+    let got = visits.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].header("x-hiway-message-id"),
+        Some(&*kept.to_string())
+    );
+    // Untransformed: the very bytes the source sent.
+    let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["form"]["n"], 1);
+
+    let trail = app.wait_for_trail(dropped, &["received", "filtered"]).await;
+    let filtered = trail.iter().find(|e| e.kind == "filtered").unwrap();
+    assert_eq!(filtered.route.as_deref(), Some("visits-only"));
+    assert_eq!(filtered.detail["reason"], "filter");
+    app.wait_for_trail(kept, &["received", "routed", "delivered"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(visits.arrived(), 1, "the filtered message was not sent");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_report_becomes_one_request_per_facility_each_with_its_own_idempotency_key() {
+    let dhis2 = Receiver::start().await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.reports]
+clients = ["source"]
+{}
+[routes.per-facility]
+channels = ["reports"]
+destinations = ["dhis2"]
+transform = '''
+.period as $p
+| .rows[]
+| {{dataSet: "pBOMPrpg1QX", period: $p, orgUnit: .facility,
+   dataValues: [{{dataElement: "f7n9E0hX8qk", value: (.count | tostring)}}]}}
+'''
+"#,
+        sink("dhis2", &dhis2)
+    ))
+    .await;
+
+    let id = app
+        .post_json(
+            "reports",
+            &json!({"period": "202401", "rows": [
+                {"facility": "DiszpKrYNg8", "count": 12},
+                {"facility": "Rp268JB6Ne4", "count": 3}
+            ]}),
+        )
+        .await;
+
+    let mut got = dhis2.wait_for(2, WAIT).await;
+    got.sort_by_key(|r| r.header("idempotency-key").unwrap().to_owned());
+    let keys: Vec<_> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{id}:per-facility:0"),
+            format!("{id}:per-facility:1")
+        ]
+    );
+    let first: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(first["orgUnit"], "DiszpKrYNg8");
+    assert_eq!(first["dataValues"][0]["value"], "12");
+    assert_eq!(got[0].header("content-type"), Some("application/json"));
+
+    let trail = app
+        .wait_for_trail(id, &["routed", "delivered", "delivered"])
+        .await;
+    let routed = trail.iter().find(|e| e.kind == "routed").unwrap();
+    assert_eq!(routed.detail["copies"].as_array().unwrap().len(), 2);
+    assert_eq!(routed.detail["copies"][1]["part"], 1);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_transform_failing_on_one_message_kills_it_for_that_route_only_and_a_replay_after_the_lookup_fix_delivers_it()
+ {
+    let archive = Receiver::start().await;
+    let dhis2 = Receiver::start().await;
+    let tables = tempfile::tempdir().unwrap();
+    let orgunits = tables.path().join("orgunits.csv");
+    std::fs::write(&orgunits, "code,uid\nFAC-1,DiszpKrYNg8\n").unwrap();
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.forms]
+clients = ["source"]
+{}{}
+[lookups.orgunits]
+file = "{}"
+key = "code"
+value = "uid"
+
+[routes.archive]
+channels = ["forms"]
+destinations = ["archive"]
+
+[routes.to-dhis2]
+channels = ["forms"]
+destinations = ["dhis2"]
+transform = '''
+{{orgUnit: ($orgunits[.facility] // error("no org unit for facility \(.facility)"))}}
+'''
+"#,
+        sink("archive", &archive),
+        sink("dhis2", &dhis2),
+        orgunits.display()
+    ))
+    .await;
+
+    let known = app.post_json("forms", &json!({"facility": "FAC-1"})).await;
+    let unknown = app.post_json("forms", &json!({"facility": "FAC-9"})).await;
+
+    // The other route is not held back by the failure.
+    archive.wait_for(2, WAIT).await;
+    let got = dhis2.wait_for(1, WAIT).await;
+    assert!(
+        std::str::from_utf8(&got[0].body)
+            .unwrap()
+            .contains("DiszpKrYNg8")
+    );
+    assert_eq!(
+        got[0].header("x-hiway-message-id"),
+        Some(&*known.to_string())
+    );
+
+    let dead = eventually("the failed route's dead letter", WAIT, || async {
+        let dead = app.dead_letters("dead").await;
+        (!dead.is_empty()).then_some(dead)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].message_id.map(|m| m.to_string()),
+        Some(unknown.to_string())
+    );
+    assert_eq!(dead[0].dead_by.as_deref(), Some("transformer"));
+    assert!(
+        dead[0].reason.contains("routes.to-dhis2.transform failed")
+            && dead[0].reason.contains("no org unit for facility FAC-9"),
+        "{}",
+        dead[0].reason
+    );
+
+    // The operator adds the facility (read again without a restart) and replays.
+    std::fs::write(
+        &orgunits,
+        "code,uid\nFAC-1,DiszpKrYNg8\nFAC-9,Rp268JB6Ne4\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let out = app.hiway(&["dlq", "replay", "--all"]).await;
+    assert!(out.contains("replayed 1"), "{out}");
+
+    let got = dhis2.wait_for(2, WAIT).await;
+    assert!(
+        std::str::from_utf8(&got[1].body)
+            .unwrap()
+            .contains("Rp268JB6Ne4")
+    );
+    assert_eq!(
+        got[1].header("x-hiway-message-id"),
+        Some(&*unknown.to_string())
+    );
+    // Only the failed route ran again: the archive did not get a second copy.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(archive.arrived(), 2);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_delivery_triggers_the_on_dead_route_which_tells_the_source() {
+    let partner = Receiver::start().await;
+    partner.set_default(Some((
+        422,
+        r#"{"errors":[{"message":"age is not valid"}]}"#,
+    )));
+    let source_system = Receiver::start().await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.cases]
+clients = ["source"]
+{}{}
+[routes.sync]
+channels = ["cases"]
+destinations = ["partner"]
+
+[routes.sync-failed]
+on_dead = ["partner"]
+destinations = ["source-system"]
+emits = "requests"
+transform = '''
+{{method: "PATCH", path: "cases/\(.body.data.id)",
+  body: {{data: {{sync_status: "failed", sync_error: .reason}}}}}}
+'''
+"#,
+        sink("partner", &partner),
+        sink("source-system", &source_system)
+    ))
+    .await;
+
+    let id = app
+        .post_json("cases", &json!({"data": {"id": "4a7c", "age": -3}}))
+        .await;
+
+    let got = source_system.wait_for(1, WAIT).await;
+    assert_eq!(got[0].method, "PATCH");
+    assert_eq!(got[0].uri.path(), "/cases/4a7c");
+    let body: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(body["data"]["sync_status"], "failed");
+    assert!(
+        body["data"]["sync_error"].as_str().unwrap().contains("422"),
+        "{body}"
+    );
+    assert_eq!(
+        got[0].header("idempotency-key"),
+        Some(&*format!("{id}:sync-failed:0"))
+    );
+    let trail = app
+        .wait_for_trail(id, &["received", "routed", "dead", "routed", "delivered"])
+        .await;
+    assert!(
+        trail
+            .iter()
+            .any(|e| e.kind == "delivered" && e.destination.as_deref() == Some("source-system"))
+    );
+    app.shutdown().await;
+}

@@ -139,11 +139,42 @@ impl TestHiway {
         Self::spawn_full(&amqp_url(), database_admin_url, "", entries, services).await
     }
 
+    /// Starts every service with an example configuration directory (`config/examples/…`):
+    /// its files are copied, and `overrides` (TOML: destination URLs pointing at doubles,
+    /// client key hashes) is laid over them with the test's broker and database settings.
+    pub async fn spawn_example(example: &std::path::Path, overrides: &str) -> Self {
+        Self::spawn_any(
+            &amqp_url(),
+            &database_url(),
+            "",
+            Entries::Example(example, overrides),
+            Services::ALL,
+        )
+        .await
+    }
+
     async fn spawn_full(
         amqp_url: &str,
         database_admin_url: &str,
         broker_settings: &str,
         entries: &str,
+        services: Services,
+    ) -> Self {
+        Self::spawn_any(
+            amqp_url,
+            database_admin_url,
+            broker_settings,
+            Entries::Inline(entries),
+            services,
+        )
+        .await
+    }
+
+    async fn spawn_any(
+        amqp_url: &str,
+        database_admin_url: &str,
+        broker_settings: &str,
+        entries: Entries<'_>,
         services: Services,
     ) -> Self {
         init_logging();
@@ -174,6 +205,15 @@ flush_interval = "50ms"
 [shutdown]
 drain_timeout = "5s"
 
+[transformer]
+lookup_reload_interval = "200ms"
+"#
+        );
+        let config_dir = tempfile::tempdir().expect("temp dir");
+        let config = match entries {
+            Entries::Inline(entries) => {
+                let toml = format!(
+                    r#"{toml}
 [clients.source]
 api_key_sha256 = "{}"
 password_sha256 = "{}"
@@ -183,13 +223,24 @@ api_key_sha256 = "{}"
 
 {entries}
 "#,
-            sha256(SOURCE_KEY),
-            sha256(SOURCE_PASSWORD),
-            sha256(OTHER_KEY),
-        );
-        let config = Config::from_toml(&toml).unwrap_or_else(|e| panic!("test configuration: {e}"));
-        let config_dir = tempfile::tempdir().expect("temp dir");
-        std::fs::write(config_dir.path().join("hiway.toml"), &toml).expect("write config");
+                    sha256(SOURCE_KEY),
+                    sha256(SOURCE_PASSWORD),
+                    sha256(OTHER_KEY),
+                );
+                std::fs::write(config_dir.path().join("hiway.toml"), &toml).expect("write config");
+                Config::from_toml(&toml).unwrap_or_else(|e| panic!("test configuration: {e}"))
+            }
+            Entries::Example(example, overrides) => {
+                copy_dir(example, config_dir.path());
+                std::fs::write(
+                    config_dir.path().join("zz-test.toml"),
+                    format!("{toml}\n{overrides}\n"),
+                )
+                .expect("write config");
+                hiway_config::load(Some(config_dir.path()))
+                    .unwrap_or_else(|e| panic!("example configuration: {e}"))
+            }
+        };
 
         let pool = PgPool::connect(&database_url)
             .await
@@ -301,6 +352,12 @@ api_key_sha256 = "{}"
     /// The installation's queue and exchange names.
     pub fn names(&self) -> Names {
         self.config.names()
+    }
+
+    /// The directory the running configuration was written to (lookup tables live there in
+    /// example configurations).
+    pub fn config_path(&self) -> &std::path::Path {
+        self.config_dir.path()
     }
 
     /// A POST to a channel, authenticated as `source`, not yet sent.
@@ -638,6 +695,41 @@ pub(crate) fn deploy_script_quietly(script: &str, args: &[&str]) {
         .join("../deploy")
         .join(script);
     let _ = Command::new("bash").arg(path).args(args).output();
+}
+
+/// Where the test's named entries come from.
+enum Entries<'a> {
+    /// TOML text, with the clients `source` and `other`.
+    Inline(&'a str),
+    /// An example configuration directory, and TOML laid over it.
+    Example(&'a std::path::Path, &'a str),
+}
+
+/// Copies a directory tree (an example configuration) file by file.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap_or_else(|e| panic!("read {}: {e}", from.display()))
+    {
+        let entry = entry.expect("directory entry");
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).expect("create directory");
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+/// The repository's `config/examples/<name>` directory.
+pub fn example_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../config/examples")
+        .join(name)
+}
+
+/// The SHA-256 hash of a test secret, as a client's `api_key_sha256`.
+pub fn key_hash(secret: &str) -> String {
+    sha256(secret)
 }
 
 /// The path of a workspace binary, built once per test run so it matches the code under

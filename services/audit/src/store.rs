@@ -113,6 +113,9 @@ fn columns(kind: &AuditKind) -> Columns {
         AuditKind::Routed { channel, .. } | AuditKind::Unrouted { channel } => {
             (s(channel), None, None, None, None, None, None, None)
         }
+        AuditKind::Filtered { channel, route, .. } => {
+            (s(channel), None, None, s(route), None, None, None, None)
+        }
         AuditKind::Attempted {
             destination,
             route,

@@ -104,6 +104,9 @@ pub struct Config {
     /// when there is none.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// Which file each route and lookup table was defined in, for error messages.
+    #[serde(skip)]
+    sources: BTreeMap<String, String>,
 }
 
 /// `[broker]`
@@ -159,6 +162,9 @@ pub struct IngressConfig {
 pub struct TransformerConfig {
     /// Unacknowledged messages held at once.
     pub prefetch: u16,
+    /// How often lookup table files are checked for changes (and re-read when changed).
+    #[serde(with = "humantime_serde")]
+    pub lookup_reload_interval: Duration,
 }
 
 /// `[sender]`
@@ -632,6 +638,12 @@ impl Config {
         Names::new(self.broker.prefix.clone())
     }
 
+    /// The file a route (`routes.<name>`) or lookup table (`lookups.<name>`) was defined in,
+    /// when it came from a file.
+    pub fn source_of(&self, key: &str) -> Option<&str> {
+        self.sources.get(key).map(String::as_str)
+    }
+
     /// Every configured destination, for declaring the topology.
     pub fn destination_names(&self) -> Vec<DestinationName> {
         self.destinations.keys().cloned().collect()
@@ -678,6 +690,10 @@ impl Config {
             ("broker.connect_timeout", self.broker.connect_timeout),
             ("broker.reconnect_min", self.broker.reconnect_min),
             ("ingress.request_timeout", self.ingress.request_timeout),
+            (
+                "transformer.lookup_reload_interval",
+                self.transformer.lookup_reload_interval,
+            ),
             ("audit.flush_interval", self.audit.flush_interval),
         ] {
             if d.is_zero() {
@@ -875,9 +891,8 @@ impl Config {
                     "\"requests\" needs a transform that makes them".into(),
                 );
             }
-            if let Some(Err(e)) = route.transform_source(&self.base_dir) {
-                err(format!("routes.{name}.transform_file"), e);
-            }
+            // Whether a transform file reads (and compiles) is checked with the programs, by
+            // `hiway_transform::Transforms::compile`, so every program error shows at once.
             if route.destinations.is_empty() {
                 err(
                     format!("routes.{name}.destinations"),
@@ -994,6 +1009,17 @@ pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
 fn extract(figment: Figment, base_dir: PathBuf) -> Result<Config, ConfigError> {
     let mut config: Config = figment.extract().map_err(Box::new)?;
     config.base_dir = base_dir;
+    let keys: Vec<String> = config
+        .routes
+        .keys()
+        .map(|r| format!("routes.{r}"))
+        .chain(config.lookups.keys().map(|l| format!("lookups.{l}")))
+        .collect();
+    for key in keys {
+        if let Some(source) = figment.find_metadata(&key).and_then(|m| m.source.as_ref()) {
+            config.sources.insert(key, source.to_string());
+        }
+    }
     config.validate(&figment)?;
     Ok(config)
 }

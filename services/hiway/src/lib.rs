@@ -111,8 +111,12 @@ pub fn format_trail(id: &str, trail: &[hiway_audit::TrailEntry]) -> String {
                     .map(|a| {
                         a.iter()
                             .map(|c| {
+                                let part = c["part"]
+                                    .as_u64()
+                                    .map(|p| format!(" output {p}"))
+                                    .unwrap_or_default();
                                 format!(
-                                    "{} (route {})",
+                                    "{} (route {}{part})",
                                     c["destination"].as_str().unwrap_or("?"),
                                     c["route"].as_str().unwrap_or("?")
                                 )
@@ -126,6 +130,11 @@ pub fn format_trail(id: &str, trail: &[hiway_audit::TrailEntry]) -> String {
             "unrouted" => format!(
                 "no route takes channel {}",
                 e.channel.as_deref().unwrap_or("?")
+            ),
+            "filtered" => format!(
+                "route {} turned it away: {}",
+                e.route.as_deref().unwrap_or("?"),
+                e.detail["reason"].as_str().unwrap_or("")
             ),
             "attempted" => format!(
                 "destination={} attempt={} status={} duration={}ms error={}",

@@ -217,15 +217,47 @@ async fn main() -> anyhow::Result<()> {
             command: ConfigCommand::Check { show },
         } => {
             let config = args.config.load()?;
+            // What start-up would refuse beyond the file's own checks: programs that do not
+            // compile, lookup tables that do not read, destinations whose headers or secrets
+            // cannot be used. Every problem is listed at once.
+            let mut problems = match hiway_transform::Transforms::compile(&config) {
+                Ok(_) => Vec::new(),
+                Err(errors) => errors,
+            };
+            for (name, d) in &config.destinations {
+                if let Err(e) = hiway_sender::Destination::new(name.clone(), d) {
+                    problems.push(e.to_string());
+                }
+            }
+            if !problems.is_empty() {
+                anyhow::bail!(
+                    "configuration is not valid:\n{}",
+                    problems
+                        .iter()
+                        .map(|p| format!("  - {p}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+            }
             if show {
                 println!("{config:#?}");
             }
+            let programs = config
+                .routes
+                .values()
+                .map(|r| {
+                    usize::from(r.filter.is_some())
+                        + usize::from(r.transform.is_some() || r.transform_file.is_some())
+                })
+                .sum::<usize>();
             println!(
-                "configuration is valid: {} clients, {} channels, {} destinations, {} routes",
+                "configuration is valid: {} clients, {} channels, {} destinations, {} routes, {} jq programs, {} lookup tables",
                 config.clients.len(),
                 config.channels.len(),
                 config.destinations.len(),
-                config.routes.len()
+                config.routes.len(),
+                programs,
+                config.lookups.len()
             );
             Ok(())
         }

@@ -1,30 +1,41 @@
-//! hiway transformer: routes each accepted message to its destinations.
+//! hiway transformer: runs each accepted message through its routes.
 //!
-//! It consumes the ingress queue and, for each message, publishes one copy per matching
-//! (route, destination) to the deliver exchange (routing key = destination) and one audit
-//! batch (`received`, then `routed` or `unrouted`). All those publishes are in flight
-//! together; the input is acked only once every one is confirmed. If any fails the input is
-//! returned to the queue, so a copy may be sent twice but never lost (destinations dedupe on
-//! the message id). A message whose envelope cannot be read is dead-lettered with the reason.
+//! It consumes the ingress queue and, for each message, runs every route of its channel: the
+//! route's filter (a jq program; false turns the message away from this route), then its
+//! transform (a jq program whose zero, one or many outputs replace the message), and makes one
+//! copy per output and destination on the deliver exchange (routing key = destination). The
+//! audit batch (`received`, then `routed`, `filtered` or `unrouted`) and the copies are in
+//! flight together; the input is acked only once every one is confirmed. If any fails the
+//! input is returned to the queue, so a copy may be sent twice but never lost (destinations
+//! dedupe on the idempotency key). A route whose program fails on a message dead-letters that
+//! message for that route alone, with jq's error; the other routes go on. A message whose
+//! envelope cannot be read is dead-lettered whole.
+//!
+//! On-dead routes take a copy of every dead letter (from their own queue on the dead
+//! exchange) and run the same way, on `{message_id, channel, destination, route, reason,
+//! body}`: that is how a failed delivery can tell its source ("sync failed").
 
 mod routes;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use hiway_config::Config;
-use hiway_proto::Envelope;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
+use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead};
+use hiway_proto::{Envelope, RouteName, headers};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Broker, Publisher};
+use hiway_transform::{Applied, Input, Meta, Transforms};
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use routes::{Copy, Routes};
+pub use routes::{Entry, Routes};
 
 const SERVICE: &str = "transformer";
 
@@ -34,59 +45,98 @@ pub enum Error {
     /// The broker could not be reached or the topology not declared.
     #[error("cannot connect to the broker: {0}")]
     Broker(#[from] lapin::Error),
+    /// A route's program does not compile, or a lookup table does not read.
+    #[error("the routes' programs cannot be used:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Transforms(Vec<String>),
 }
 
 /// The transformer, connected and ready to run.
 pub struct Transformer {
     broker: Broker,
     connection: Connection,
-    routes: Routes,
-    prefetch: u16,
-    drain: Duration,
+    router: Arc<Router>,
+    settings: Settings,
+    reload_interval: Duration,
 }
 
-/// Connects to the broker (declaring the topology) and builds the routing table.
+/// What a session needs besides the connection and the routes.
+struct Settings {
+    prefetch: u16,
+    drain: Duration,
+    delivery_limit: u32,
+}
+
+/// The routes and their compiled programs.
+struct Router {
+    routes: Routes,
+    transforms: Transforms,
+}
+
+/// Compiles the routes' programs and reads the lookup tables (failing on any error), then
+/// connects to the broker (declaring the topology).
 pub async fn build(config: &Config) -> Result<Transformer, Error> {
+    let transforms = Transforms::compile(config).map_err(Error::Transforms)?;
     let broker = Broker::new(config);
     let connection = broker.connect("hiway-transformer").await?;
     Ok(Transformer {
         broker,
         connection,
-        routes: Routes::from_config(config),
-        prefetch: config.transformer.prefetch,
-        drain: config.shutdown.drain_timeout,
+        router: Arc::new(Router {
+            routes: Routes::from_config(config),
+            transforms,
+        }),
+        settings: Settings {
+            prefetch: config.transformer.prefetch,
+            drain: config.shutdown.drain_timeout,
+            delivery_limit: config.broker.delivery_limit,
+        },
+        reload_interval: config.transformer.lookup_reload_interval,
     })
 }
 
 impl Transformer {
     /// Routes messages until `stop`, then finishes the ones in hand and returns.
     pub async fn run(self, stop: CancellationToken) -> Result<(), Error> {
+        let reloads = tokio::spawn(reload_lookups(
+            self.router.clone(),
+            self.reload_interval,
+            stop.clone(),
+        ));
         let mut connections =
             Reconnect::new(&self.broker, "hiway-transformer", self.connection, &stop);
         while let Some(conn) = connections.next().await {
-            let ended = session(
-                &self.broker,
-                &conn,
-                &self.routes,
-                self.prefetch,
-                self.drain,
-                &stop,
-            )
-            .await;
+            let ended = session(&self.broker, &conn, &self.router, &self.settings, &stop).await;
             connections.ended(conn, ended).await;
         }
+        let _ = reloads.await;
         tracing::info!("transformer stopped");
         Ok(())
     }
 }
 
-/// Consumes the ingress queue on one connection until `stop` or a broker error.
+/// Re-reads changed lookup tables every `interval` until `stop`.
+async fn reload_lookups(router: Arc<Router>, interval: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        for line in router.transforms.lookups().reload_changed() {
+            match line {
+                Ok(done) => tracing::info!("{done}"),
+                Err(error) => tracing::error!("{error}"),
+            }
+        }
+    }
+}
+
+/// Consumes the ingress queue (and the on-dead queue, when on-dead routes exist) on one
+/// connection until `stop` or a broker error.
 async fn session(
     broker: &Broker,
     conn: &Connection,
-    routes: &Routes,
-    prefetch: u16,
-    drain: Duration,
+    router: &Router,
+    settings: &Settings,
     stop: &CancellationToken,
 ) -> Result<(), lapin::Error> {
     let names = broker.names();
@@ -94,22 +144,51 @@ async fn session(
     // Prefetch bounds how many messages are being routed at once (and so memory: at most
     // prefetch × the largest body); all of them are handled concurrently, so their confirms
     // are in flight together.
+    let prefetch = settings.prefetch;
     let (channel, consumer) = broker
         .consumer(conn, &names.ingress_queue(), "hiway-transformer", prefetch)
         .await?;
     tracing::info!(queue = %names.ingress_queue(), prefetch, "transformer consuming");
     let deliver_exchange = names.deliver_exchange();
-    let ended = consume_concurrently(consumer, usize::from(prefetch), stop, drain, |delivery| {
-        route(&publisher, &deliver_exchange, routes, delivery)
-    })
-    .await;
+    let ingress = consume_concurrently(
+        consumer,
+        usize::from(prefetch),
+        stop,
+        settings.drain,
+        |delivery| route(&publisher, &deliver_exchange, router, delivery),
+    );
+    let ended = if router.routes.has_on_dead() {
+        let declare = conn.create_channel().await?;
+        declare_on_dead(&declare, names, settings.delivery_limit).await?;
+        close_channel(&declare).await;
+        let (dead_channel, dead_consumer) = broker
+            .consumer(
+                conn,
+                &names.on_dead_queue(),
+                "hiway-transformer-on-dead",
+                prefetch,
+            )
+            .await?;
+        let on_dead = consume_concurrently(
+            dead_consumer,
+            usize::from(prefetch),
+            stop,
+            settings.drain,
+            |delivery| route_dead(&publisher, &deliver_exchange, router, delivery),
+        );
+        let ended = tokio::try_join!(ingress, on_dead).map(|_| ());
+        close_channel(&dead_channel).await;
+        ended
+    } else {
+        ingress.await
+    };
     close_channel(&channel).await;
     publisher.close().await;
     ended
 }
 
-/// Routes one delivery and settles it.
-async fn route(publisher: &Publisher, deliver_exchange: &str, routes: &Routes, delivery: Delivery) {
+/// Routes one message from the ingress queue and settles it.
+async fn route(publisher: &Publisher, deliver_exchange: &str, router: &Router, delivery: Delivery) {
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
@@ -121,7 +200,14 @@ async fn route(publisher: &Publisher, deliver_exchange: &str, routes: &Routes, d
     };
     let span = tracing::info_span!("transformer.route", message_id = %envelope.id, channel = %envelope.channel);
     async {
-        let copies = routes.copies(&envelope.channel);
+        // A replayed dead letter of one route (its envelope names the route) runs that route
+        // alone: the others already sent their copies.
+        let entries: Vec<&Entry> = router
+            .routes
+            .for_channel(&envelope.channel)
+            .iter()
+            .filter(|e| envelope.route.as_ref().is_none_or(|r| *r == e.route))
+            .collect();
         let received = AuditEvent {
             at: envelope.received_at,
             ..AuditEvent::now(
@@ -135,62 +221,262 @@ async fn route(publisher: &Publisher, deliver_exchange: &str, routes: &Routes, d
                 },
             )
         };
-        let outcome = if copies.is_empty() {
-            AuditKind::Unrouted {
-                channel: envelope.channel.clone(),
-            }
-        } else {
-            AuditKind::Routed {
-                channel: envelope.channel.clone(),
-                copies: copies
-                    .iter()
-                    .map(|c| RoutedCopy {
-                        route: c.route.clone(),
-                        destination: c.destination.clone(),
-                    })
-                    .collect(),
-            }
-        };
-        let events = [received, AuditEvent::now(envelope.id, SERVICE, outcome)];
-
-        let publishes = copies.iter().map(|c| {
-            let props = envelope
-                .for_destination(c.destination.clone(), c.route.clone())
-                .to_properties();
-            publisher.publish(
-                deliver_exchange,
-                c.destination.as_str(),
-                &delivery.data,
-                props,
-            )
-        });
-        let (copies_published, audit) =
-            tokio::join!(join_all(publishes), publisher.publish_audit(&events));
-
-        let failure = copies_published
-            .into_iter()
-            .chain(std::iter::once(audit))
-            .find_map(Result::err);
-        match failure {
-            None => {
-                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(%error, "ack failed; the message will be routed again");
-                }
-            }
-            Some(error) => {
-                // Some copy or the audit batch was not confirmed: route the whole message
-                // again later. Copies already confirmed will be sent twice; destinations drop
-                // duplicates by message id.
-                tracing::warn!(%error, "publishing failed; returning the message to its queue");
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-            }
-        }
+        let body = &delivery.data;
+        let plan = plan(router, &envelope, &entries, || hiway_transform::parse(body));
+        let durable = carry_out(
+            publisher,
+            deliver_exchange,
+            &envelope,
+            body,
+            plan,
+            Some(received),
+        )
+        .await;
+        settle(&delivery, durable).await;
     }
     .instrument(span)
     .await
+}
+
+/// Runs the on-dead routes on one dead letter and settles it.
+async fn route_dead(
+    publisher: &Publisher,
+    deliver_exchange: &str,
+    router: &Router,
+    delivery: Delivery,
+) {
+    // Only dead copies on their way to a destination concern on-dead routes; a dead letter
+    // that is not one (poison, a failed transform, or a copy an on-dead route made) is taken
+    // off this queue and left to the dead-letter store.
+    let envelope = match Envelope::from_properties(&delivery.properties) {
+        Ok(e) if !e.from_dead && e.destination.is_some() => e,
+        _ => return settle(&delivery, Ok(())).await,
+    };
+    let Some(destination) = envelope.destination.clone() else {
+        return settle(&delivery, Ok(())).await;
+    };
+    let entries: Vec<&Entry> = router.routes.on_dead_of(&destination).iter().collect();
+    if entries.is_empty() {
+        return settle(&delivery, Ok(())).await;
+    }
+    let span = tracing::info_span!("transformer.on_dead", message_id = %envelope.id, destination = %destination);
+    async {
+        let reason = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(headers::DEAD_REASON).cloned())
+            .and_then(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                _ => None,
+            })
+            .unwrap_or_default();
+        let body = &delivery.data;
+        let input = || {
+            // The failed message's own body, as JSON when it is JSON, else as text.
+            let original = serde_json::from_slice::<serde_json::Value>(body)
+                .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned().into());
+            Ok(hiway_transform::from_json(&serde_json::json!({
+                "message_id": envelope.id.to_string(),
+                "channel": envelope.channel.as_str(),
+                "destination": destination.as_str(),
+                "route": envelope.route.as_ref().map(RouteName::as_str),
+                "reason": reason,
+                "body": original,
+            })))
+        };
+        let mut source = envelope.clone();
+        source.from_dead = true;
+        source.route = None;
+        source.destination = None;
+        let plan = plan(router, &source, &entries, input);
+        let durable = carry_out(publisher, deliver_exchange, &source, body, plan, None).await;
+        settle(&delivery, durable).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// What running the routes made of one message.
+#[derive(Default)]
+struct Plan {
+    /// Copies to publish: their envelope, and their body (`None`: the message's own).
+    copies: Vec<(Envelope, Option<Vec<u8>>)>,
+    /// Routes whose rule turned the message away, and which rule.
+    filtered: Vec<(RouteName, String)>,
+    /// Routes whose program failed, and jq's error.
+    failed: Vec<(RouteName, String)>,
+    /// No route takes the message at all.
+    unrouted: bool,
+}
+
+/// Runs every route's programs (CPU only, no I/O). The body is parsed at most once, and only
+/// if some route has a program.
+fn plan(
+    router: &Router,
+    envelope: &Envelope,
+    entries: &[&Entry],
+    parse: impl FnOnce() -> Result<Input, String>,
+) -> Plan {
+    let mut plan = Plan {
+        unrouted: entries.is_empty(),
+        ..Plan::default()
+    };
+    let mut parse = Some(parse);
+    let mut input: Option<Result<Input, String>> = None;
+    let (id, received_at) = (envelope.id.to_string(), envelope.received_at.to_rfc3339());
+    let meta = Meta {
+        message_id: &id,
+        channel: envelope.channel.as_str(),
+        client: envelope.client.as_str(),
+        received_at: &received_at,
+    };
+    for entry in entries {
+        let applied = if router.transforms.needs_json(&entry.route) {
+            let parsed = input.get_or_insert_with(|| match parse.take() {
+                Some(p) => p(),
+                None => Err("the body could not be read".into()),
+            });
+            match parsed {
+                Ok(value) => router.transforms.apply(&entry.route, value, &meta),
+                Err(e) => Err(format!("routes.{}: {e}", entry.route)),
+            }
+        } else {
+            Ok(Applied::Unchanged)
+        };
+        let copy = |destination: &hiway_proto::DestinationName| {
+            envelope.for_destination(destination.clone(), entry.route.clone())
+        };
+        match applied {
+            Ok(Applied::Unchanged) => {
+                for d in &entry.destinations {
+                    plan.copies.push((copy(d), None));
+                }
+            }
+            Ok(Applied::Filtered) => plan.filtered.push((entry.route.clone(), "filter".into())),
+            Ok(Applied::Outputs(outputs)) if outputs.is_empty() => plan
+                .filtered
+                .push((entry.route.clone(), "transform emitted nothing".into())),
+            Ok(Applied::Outputs(outputs)) => {
+                for (part, output) in outputs.into_iter().enumerate() {
+                    for d in &entry.destinations {
+                        let mut e = copy(d);
+                        e.part = Some(u32::try_from(part).unwrap_or(u32::MAX));
+                        e.path.clone_from(&output.path);
+                        e.method.clone_from(&output.method);
+                        e.content_type = "application/json".into();
+                        plan.copies.push((e, Some(output.body.clone())));
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(route = %entry.route, %error, "a route's program failed; the message is dead for that route");
+                plan.failed.push((entry.route.clone(), error));
+            }
+        }
+    }
+    plan
+}
+
+/// Publishes a plan's copies, dead letters and audit events, all in flight together. Ok only
+/// when every one was confirmed.
+async fn carry_out(
+    publisher: &Publisher,
+    deliver_exchange: &str,
+    envelope: &Envelope,
+    body: &[u8],
+    plan: Plan,
+    received: Option<AuditEvent>,
+) -> Result<(), hiway_runtime::PublishError> {
+    let mut events: Vec<AuditEvent> = received.into_iter().collect();
+    if plan.unrouted {
+        events.push(AuditEvent::now(
+            envelope.id,
+            SERVICE,
+            AuditKind::Unrouted {
+                channel: envelope.channel.clone(),
+            },
+        ));
+    }
+    if !plan.copies.is_empty() {
+        events.push(AuditEvent::now(
+            envelope.id,
+            SERVICE,
+            AuditKind::Routed {
+                channel: envelope.channel.clone(),
+                copies: plan
+                    .copies
+                    .iter()
+                    .filter_map(|(e, _)| {
+                        Some(RoutedCopy {
+                            route: e.route.clone()?,
+                            destination: e.destination.clone()?,
+                            part: e.part,
+                        })
+                    })
+                    .collect(),
+            },
+        ));
+    }
+    for (route, reason) in &plan.filtered {
+        events.push(AuditEvent::now(
+            envelope.id,
+            SERVICE,
+            AuditKind::Filtered {
+                channel: envelope.channel.clone(),
+                route: route.clone(),
+                reason: reason.clone(),
+            },
+        ));
+    }
+    let copies = plan.copies.iter().map(|(e, own)| {
+        let destination = e.destination.as_ref().map_or("", |d| d.as_str());
+        publisher.publish(
+            deliver_exchange,
+            destination,
+            own.as_deref().unwrap_or(body),
+            e.to_properties(),
+        )
+    });
+    // A failed route's dead letter carries the message as it came, with the route named, so
+    // that replaying it runs that route again, and that route alone.
+    let dead = plan.failed.iter().map(|(route, reason)| {
+        let mut e = envelope.clone();
+        e.route = Some(route.clone());
+        publisher.publish_dead_parts(DEAD_KEY_INGRESS, body, e.to_properties(), reason, SERVICE)
+    });
+    let (copies, dead, audit) = tokio::join!(
+        join_all(copies),
+        join_all(dead),
+        publisher.publish_audit(&events)
+    );
+    copies
+        .into_iter()
+        .chain(dead)
+        .chain(std::iter::once(audit))
+        .collect()
+}
+
+/// Acks when everything the message became is durable; otherwise returns it to its queue to
+/// be routed again later (copies already confirmed will be sent twice; destinations drop
+/// duplicates by idempotency key).
+async fn settle(delivery: &Delivery, durable: Result<(), hiway_runtime::PublishError>) {
+    match durable {
+        Ok(()) => {
+            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                tracing::warn!(%error, "ack failed; the message will be routed again");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "publishing failed; returning the message to its queue");
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
 }

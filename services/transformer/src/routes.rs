@@ -1,57 +1,84 @@
-//! The routing table: for each channel, the (route, destination) copies to make.
+//! The routing table: for each channel, and for each destination whose dead letters on-dead
+//! routes take, the routes to run and their destinations.
 //!
-//! Built once at start-up from the configuration, so routing a message is one map lookup.
-//! A route will later also carry a filter and a transform (jq programs compiled at start-up);
-//! [`Copy`] is where their compiled forms will sit.
+//! Built once at start-up from the configuration, so finding a message's routes is one map
+//! lookup. The routes' programs (filters and transforms) are compiled beside it, in
+//! [`hiway_transform::Transforms`].
 
 use std::collections::HashMap;
 
 use hiway_config::Config;
 use hiway_proto::{ChannelName, DestinationName, RouteName};
 
-/// One copy of a message: which route makes it, for which destination.
+/// One route and the destinations it sends to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Copy {
+pub struct Entry {
     /// The route.
     pub route: RouteName,
-    /// Its destination.
-    pub destination: DestinationName,
+    /// Its destinations, each once.
+    pub destinations: Vec<DestinationName>,
 }
 
-/// Channel → copies.
+/// Channel → routes, and destination → on-dead routes.
 #[derive(Clone, Debug, Default)]
 pub struct Routes {
-    by_channel: HashMap<ChannelName, Vec<Copy>>,
+    by_channel: HashMap<ChannelName, Vec<Entry>>,
+    on_dead: HashMap<DestinationName, Vec<Entry>>,
 }
 
 impl Routes {
     /// From the validated configuration, in route-name order.
     pub fn from_config(config: &Config) -> Self {
-        let mut by_channel: HashMap<ChannelName, Vec<Copy>> = HashMap::new();
+        let mut routes = Self::default();
         for (route, r) in &config.routes {
-            for channel in &r.channels {
-                let copies = by_channel.entry(channel.clone()).or_default();
-                for destination in &r.destinations {
-                    let copy = Copy {
-                        route: route.clone(),
-                        destination: destination.clone(),
-                    };
-                    // The same route naming a destination twice still makes one copy.
-                    if !copies.contains(&copy) {
-                        copies.push(copy);
-                    }
+            let mut destinations = Vec::new();
+            for d in &r.destinations {
+                // The same route naming a destination twice still makes one copy.
+                if !destinations.contains(d) {
+                    destinations.push(d.clone());
                 }
             }
+            let entry = Entry {
+                route: route.clone(),
+                destinations,
+            };
+            for channel in &r.channels {
+                routes
+                    .by_channel
+                    .entry(channel.clone())
+                    .or_default()
+                    .push(entry.clone());
+            }
+            for d in &r.on_dead {
+                routes
+                    .on_dead
+                    .entry(d.clone())
+                    .or_default()
+                    .push(entry.clone());
+            }
         }
-        Self { by_channel }
+        routes
     }
 
-    /// The copies for a message from `channel`; empty when no route takes it.
-    pub fn copies(&self, channel: &ChannelName) -> &[Copy] {
+    /// The routes that take messages from `channel`; empty when none does.
+    pub fn for_channel(&self, channel: &ChannelName) -> &[Entry] {
         self.by_channel
             .get(channel)
             .map(Vec::as_slice)
             .unwrap_or(&[])
+    }
+
+    /// The on-dead routes that take dead letters of `destination`.
+    pub fn on_dead_of(&self, destination: &DestinationName) -> &[Entry] {
+        self.on_dead
+            .get(destination)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Whether any route takes dead letters (so the on-dead queue is needed).
+    pub fn has_on_dead(&self) -> bool {
+        !self.on_dead.is_empty()
     }
 }
 
@@ -81,36 +108,64 @@ destinations = ["x", "y", "x"]
 [routes.fan-in]
 channels = ["a", "b"]
 destinations = ["y"]
+[routes.when-x-fails]
+on_dead = ["x"]
+destinations = ["y"]
 "#
         ))
         .unwrap()
     }
 
+    fn copies(entries: &[Entry]) -> Vec<String> {
+        entries
+            .iter()
+            .flat_map(|e| {
+                e.destinations
+                    .iter()
+                    .map(move |d| format!("{}->{d}", e.route))
+            })
+            .collect()
+    }
+
     #[test]
     fn one_channel_fans_out_to_every_destination_of_every_route() {
         let routes = Routes::from_config(&config());
-        let copies: Vec<_> = routes
-            .copies(&ChannelName::parse("a").unwrap())
-            .iter()
-            .map(|c| format!("{}->{}", c.route, c.destination))
-            .collect();
-        assert_eq!(copies, ["fan-in->y", "fan-out->x", "fan-out->y"]);
+        assert_eq!(
+            copies(routes.for_channel(&ChannelName::parse("a").unwrap())),
+            ["fan-in->y", "fan-out->x", "fan-out->y"]
+        );
     }
 
     #[test]
     fn many_channels_fan_in_to_one_destination() {
         let routes = Routes::from_config(&config());
-        let b = routes.copies(&ChannelName::parse("b").unwrap());
-        assert_eq!(b.len(), 1);
-        assert_eq!(b[0].destination.as_str(), "y");
+        assert_eq!(
+            copies(routes.for_channel(&ChannelName::parse("b").unwrap())),
+            ["fan-in->y"]
+        );
     }
 
     #[test]
-    fn a_channel_no_route_takes_has_no_copies() {
+    fn a_channel_no_route_takes_has_no_routes() {
         let routes = Routes::from_config(&config());
         assert!(
             routes
-                .copies(&ChannelName::parse("quiet").unwrap())
+                .for_channel(&ChannelName::parse("quiet").unwrap())
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn on_dead_routes_are_found_by_the_destination_that_failed() {
+        let routes = Routes::from_config(&config());
+        assert!(routes.has_on_dead());
+        assert_eq!(
+            copies(routes.on_dead_of(&DestinationName::parse("x").unwrap())),
+            ["when-x-fails->y"]
+        );
+        assert!(
+            routes
+                .on_dead_of(&DestinationName::parse("y").unwrap())
                 .is_empty()
         );
     }
