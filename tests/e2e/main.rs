@@ -7,6 +7,7 @@
 mod bus;
 mod cli;
 mod dhis2;
+mod examples;
 mod failures;
 mod fhir;
 mod ingress;

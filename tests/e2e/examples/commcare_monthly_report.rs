@@ -1,0 +1,1 @@
+//! The `commcare-monthly-report` example (being built).

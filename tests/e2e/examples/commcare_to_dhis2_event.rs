@@ -1,0 +1,1 @@
+//! The `commcare-to-dhis2-event` example (being built).

@@ -1,0 +1,1 @@
+//! The `commcare-visit-to-openmrs` example (being built).

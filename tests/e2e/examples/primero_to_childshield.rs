@@ -1,0 +1,1 @@
+//! The `primero-to-childshield` example (being built).

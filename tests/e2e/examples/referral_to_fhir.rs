@@ -1,0 +1,1 @@
+//! The `referral-to-fhir` example (being built).
