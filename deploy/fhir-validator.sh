@@ -11,8 +11,9 @@
 # touches the machine's Python.
 #
 # What it does, idempotently:
-#   1. if `python3 -m venv` cannot work (Debian ships venv/ensurepip in
-#      python3-venv) and we are root, installs python3-venv with apt-get;
+#   1. if python3 is missing or `python3 -m venv` cannot work (Debian ships
+#      venv/ensurepip in python3-venv) and we are root, installs python3 and
+#      python3-venv with apt-get;
 #   2. creates the venv at $HIWAY_FHIR_VENV (default <repo>/target/fhir-venv)
 #      and pip-installs the two pinned packages;
 #   3. writes a marker holding the requirements, so later runs only compare it
@@ -51,13 +52,13 @@ ready() { [[ -x "$VENV/bin/python" && -f "$MARKER" && "$(cat "$MARKER")" == "${R
 venv_works() { python3 -c 'import venv, ensurepip' >/dev/null 2>&1; }
 
 make_venv() {
-    command -v python3 >/dev/null 2>&1 || die "python3 not found: install python3 and python3-venv"
-    if ! venv_works; then
-        [[ "$(id -u)" -eq 0 ]] || die "python3 -m venv is unavailable: install python3-venv (as root: apt-get install python3-venv)"
-        command -v apt-get >/dev/null 2>&1 || die "python3 -m venv is unavailable and apt-get is missing: install python3-venv by hand"
-        log "installing python3-venv (apt-get)"
+    if ! command -v python3 >/dev/null 2>&1 || ! venv_works; then
+        # A fresh CI machine may have only the Rust toolchain: no python3 at all.
+        [[ "$(id -u)" -eq 0 ]] || die "python3 -m venv is unavailable: install python3 and python3-venv (as root: apt-get install python3-venv)"
+        command -v apt-get >/dev/null 2>&1 || die "python3 -m venv is unavailable and apt-get is missing: install python3 and python3-venv by hand"
+        log "installing python3 and python3-venv (apt-get)"
         DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >&2
         venv_works || die "python3 -m venv still fails after installing python3-venv"
     fi
     # A half-made venv (an interrupted pip) is rebuilt from scratch.
