@@ -982,6 +982,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_carebundle_sample_creates_all_48_resources_and_leaves_no_urn_uuid_reference() {
+        let server = FhirServer::start().await;
+
+        let (status, response) = post(&server, &fixture("carebundle-sample.json")).await;
+
+        assert_eq!(status, 200, "{response}");
+        assert_eq!(statuses(&response), ["201 Created"; 48]);
+        assert_eq!(server.resources("Observation").len(), 34);
+        for resource_type in ["Observation", "DiagnosticReport", "Encounter", "Condition"] {
+            for resource in server.resources(resource_type) {
+                assert!(
+                    !resource.to_string().contains("\"reference\":\"urn:uuid:"),
+                    "{resource_type}/{} kept a urn:uuid reference",
+                    resource["id"]
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn an_observation_without_status_is_422_naming_the_entry_and_nothing_is_stored() {
         let server = FhirServer::start().await;
         let mut bundle = fixture("transaction-bundle.json");
