@@ -10,6 +10,7 @@
 //! skipped.
 
 pub mod doubles;
+pub mod fhir_validator;
 pub mod pg_node;
 pub mod rabbit_node;
 mod receiver;
