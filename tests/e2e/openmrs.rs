@@ -23,6 +23,11 @@ const OBS: [&str; 2] = [
 /// One channel routed, untransformed, to an `openmrs` destination at the double, with a short
 /// retry schedule (three attempts in all).
 fn config(double: &OpenMrs) -> String {
+    config_with(double, "")
+}
+
+/// The same, with more settings for the destination.
+fn config_with(double: &OpenMrs, destination_settings: &str) -> String {
     format!(
         r#"
 [channels.visits]
@@ -32,6 +37,7 @@ kind = "openmrs"
 url = "{}"
 auth = {{ type = "basic", username = "{USERNAME}", password = {{ value = "{PASSWORD}" }} }}
 retry = {{ schedule = ["100ms", "100ms"], jitter = 0.0 }}
+{destination_settings}
 [routes.visits-to-emr]
 channels = ["visits"]
 destinations = ["emr"]
@@ -336,6 +342,54 @@ async fn a_500_on_every_attempt_is_rolled_back_before_the_message_goes_dead() {
         "the two earlier attempts rolled nothing back"
     );
     assert!(openmrs.stored(Resource::Patient).is_empty());
+    assert!(openmrs.stored(Resource::Visit).is_empty());
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_purge_on_rollback_a_rejected_workflow_is_voided_and_sending_it_again_stops_at_the_voided_patient()
+ {
+    let openmrs = OpenMrs::start().await;
+    let app = TestHiway::spawn(&config_with(
+        &openmrs,
+        "openmrs = { purge_on_rollback = false }",
+    ))
+    .await;
+    let mut document = workflow();
+    document["visit"]
+        .as_object_mut()
+        .unwrap()
+        .remove("visitType");
+
+    let id = app.post_json("visits", &document).await;
+
+    app.wait_for_trail(id, &["attempted", "dead"]).await;
+    assert_eq!(
+        lines(&openmrs.requests(), &Method::DELETE),
+        [format!("DELETE patient/{PATIENT}")],
+        "voided, not purged"
+    );
+    let patient = openmrs
+        .find(Resource::Patient, PATIENT)
+        .expect("the voided patient");
+    assert_eq!(patient["voided"], true);
+
+    // Sent again as it is (a replay would be the same), the workflow finds its patient's
+    // uuid taken by a voided patient: dead again, with a reason that says what to do.
+    let again = app.post_json("visits", &document).await;
+    app.wait_for_trail(again, &["attempted", "dead"]).await;
+    let dead = eventually("the second message's dead letter", WAIT, || async {
+        app.dead_letters("dead")
+            .await
+            .into_iter()
+            .find(|d| d.message_id == Some(again.as_uuid()))
+    })
+    .await;
+    assert!(
+        dead.reason.contains("step patient failed") && dead.reason.contains("is voided"),
+        "{}",
+        dead.reason
+    );
     assert!(openmrs.stored(Resource::Visit).is_empty());
     app.shutdown().await;
 }
