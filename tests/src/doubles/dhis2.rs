@@ -26,7 +26,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -291,11 +290,6 @@ impl Dhis2 {
     /// polled from now on.
     pub fn set_polls_before_completed(&self, n: u32) {
         self.inner.store().polls_before_completed = n;
-    }
-
-    /// Waits until `check` holds of the double, or panics naming `what`.
-    pub async fn wait_until(&self, what: &str, timeout: Duration, check: impl Fn(&Self) -> bool) {
-        crate::eventually(what, timeout, || async { check(self).then_some(()) }).await
     }
 }
 
@@ -1114,6 +1108,8 @@ fn import_tracker(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn fixture(name: &str) -> Value {
