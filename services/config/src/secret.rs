@@ -28,9 +28,14 @@ impl fmt::Debug for SecretString {
     }
 }
 
-/// Where a secret comes from: `{ env = "VAR" }`, `{ file = "/path" }` or `{ value = "…" }`.
+/// Where a secret comes from: `{ env = "VAR" }`, `{ file = "/path" }` or `{ value = "…" }`, or
+/// the same as one string, `"env:VAR"`, `"file:/path"`, `"value:…"`.
+///
+/// The string form exists for overriding: configuration layers merge tables key by key, so a
+/// later file writing `{ value = "…" }` over an earlier `{ env = "VAR" }` would leave both keys;
+/// a string replaces the table whole.
 #[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
+#[serde(try_from = "SecretSource")]
 pub enum SecretRef {
     /// An environment variable.
     Env(String),
@@ -38,6 +43,43 @@ pub enum SecretRef {
     File(std::path::PathBuf),
     /// Inline; for tests and throwaway setups only.
     Value(SecretString),
+}
+
+/// How a secret reference is written.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SecretSource {
+    Text(String),
+    Table(SecretTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "lowercase")]
+enum SecretTable {
+    Env(String),
+    File(std::path::PathBuf),
+    Value(SecretString),
+}
+
+impl TryFrom<SecretSource> for SecretRef {
+    type Error = String;
+
+    fn try_from(source: SecretSource) -> Result<Self, String> {
+        match source {
+            SecretSource::Table(SecretTable::Env(v)) => Ok(Self::Env(v)),
+            SecretSource::Table(SecretTable::File(p)) => Ok(Self::File(p)),
+            SecretSource::Table(SecretTable::Value(v)) => Ok(Self::Value(v)),
+            SecretSource::Text(text) => match text.split_once(':') {
+                Some(("env", var)) => Ok(Self::Env(var.to_owned())),
+                Some(("file", path)) => Ok(Self::File(path.into())),
+                Some(("value", value)) => Ok(Self::Value(SecretString::new(value))),
+                // The text itself is never echoed: it may be the secret, written by mistake.
+                _ => Err(
+                    "a secret reference is { env = \"VAR\" }, { file = \"/path\" }, { value = \"…\" } or one string \"env:VAR\", \"file:/path\", \"value:…\"".to_owned(),
+                ),
+            },
+        }
+    }
 }
 
 impl SecretRef {

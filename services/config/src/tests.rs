@@ -138,3 +138,36 @@ fn content_types_match_without_parameters_and_json_is_recognised() {
     assert!(is_json("application/fhir+json"));
     assert!(!is_json("text/plain"));
 }
+
+#[test]
+fn a_secret_reference_written_as_one_string_replaces_the_table_of_an_earlier_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("10-main.toml"),
+        "[destinations.d]\nurl = \"http://127.0.0.1:1/\"\nauth = { type = \"bearer\", token = { env = \"HIWAY_TEST_NEVER_SET\" } }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("20-local.toml"),
+        "[destinations.d]\nauth = { type = \"bearer\", token = \"value:local-token\" }\n",
+    )
+    .unwrap();
+    let config = load(Some(dir.path())).unwrap();
+    match &config.destinations.values().next().unwrap().auth {
+        Some(DestinationAuth::Bearer { token }) => {
+            assert_eq!(token.resolve().unwrap().expose(), "local-token");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_secret_string_without_a_known_source_is_refused_without_echoing_it() {
+    let err = Config::from_toml(
+        "[destinations.d]\nurl = \"http://127.0.0.1:1/\"\nauth = { type = \"bearer\", token = \"s3cr3t-typed-inline\" }\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("env:VAR"), "{err}");
+    assert!(!err.contains("s3cr3t-typed-inline"), "{err}");
+}

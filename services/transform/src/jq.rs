@@ -103,7 +103,7 @@ impl Program {
             .id
             .run((ctx, input))
             .map(unwrap_valr)
-            .map(|r| r.map_err(|e| e.to_string()))
+            .map(|r| r.map_err(error_text))
             .collect()
     }
 
@@ -114,8 +114,17 @@ impl Program {
         match self.filter.id.run((ctx, input)).map(unwrap_valr).next() {
             None => Ok(false),
             Some(Ok(v)) => Ok(!matches!(v, Val::Null | Val::Bool(false))),
-            Some(Err(e)) => Err(e.to_string()),
+            Some(Err(e)) => Err(error_text(e)),
         }
+    }
+}
+
+/// The text of a run-time error: a string given to `error(…)` as it is, not JSON-quoted, so
+/// the reason in a dead letter reads as the program's author wrote it.
+fn error_text(e: jaq_core::Error<Val>) -> String {
+    match e.into_val() {
+        Val::TStr(s) => String::from_utf8_lossy(&s).into_owned(),
+        other => other.to_string(),
     }
 }
 
@@ -237,6 +246,13 @@ mod tests {
         let p = Program::compile(".a + 1", &[]).unwrap();
         let err = p.run(json(r#"{"a":"text"}"#), []).unwrap_err();
         assert!(err.contains("text"), "{err}");
+    }
+
+    #[test]
+    fn an_error_raised_with_a_message_reads_as_written() {
+        let p = Program::compile(r#"error("no org unit for \(.f | tojson)")"#, &[]).unwrap();
+        let err = p.run(json(r#"{"f":"FAC-9"}"#), []).unwrap_err();
+        assert_eq!(err, r#"no org unit for "FAC-9""#);
     }
 
     #[test]
