@@ -9,7 +9,7 @@
 # The Thai label of one option code of `field`; an absent or empty value stays null.
 def thai($field):
   if . == null or . == "" then null
-  else $labels[$field][.] // error("no Thai label for \($field) \"\(.)\" in lookups/labels.json")
+  else $labels[$field][.] // error("no Thai label for \($field) code \(.) in lookups/labels.json")
   end;
 
 # A multi-select (an array of codes; a lone code is taken as one element) → its labels, in
