@@ -154,7 +154,9 @@ async fn a_referral_with_an_unknown_reason_code_goes_dead_for_the_route_naming_t
         dead[0]
             .reason
             .contains("routes.referrals-to-fhir.transform failed")
-            && dead[0].reason.contains("\"snakebite\""),
+            && dead[0]
+                .reason
+                .contains("unknown referral reason code snakebite"),
         "{}",
         dead[0].reason
     );

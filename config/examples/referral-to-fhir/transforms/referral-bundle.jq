@@ -16,7 +16,7 @@ def observation_system: "urn:example:cht:referral-observation";
 # restart) and replays it with `hiway dlq replay`.
 def reason:
   $reasons[.reason]
-  // error("no reason code \(.reason | tojson) in lookups/reasons.csv");
+  // error("unknown referral reason code \(.reason): add it to lookups/reasons.csv");
 
 # fullUrls are urn:uuids derived (uuid5) from the referral id, not random: the same referral
 # sent again makes the same Bundle, byte for byte, and the references between its entries
