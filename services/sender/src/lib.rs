@@ -2,8 +2,10 @@
 //!
 //! One process may serve several destinations (`sender.destinations`, empty = all), and
 //! several processes may serve the same one: they compete for its queue, so adding a process
-//! adds throughput. For each message the sender makes one HTTP request with the message id in
-//! `Idempotency-Key` and `X-Hiway-Message-Id`, and reads the answer ([`outcome`]):
+//! adds throughput. For each message the destination's kind ([`kinds`]) makes its requests
+//! (one for `http`; a post and job polls for an asynchronous `dhis2` import; a workflow of
+//! several for `openmrs`), with the copy's idempotency key in `Idempotency-Key` and the
+//! message id in `X-Hiway-Message-Id`, and comes back with one outcome ([`outcome`]):
 //! - delivered: it records `delivered` in the audit trail and acks once that is confirmed;
 //! - retryable, attempts left: it publishes the message to the retry queue for the next wait
 //!   of the destination's schedule (attempt count and history in its headers), records the
