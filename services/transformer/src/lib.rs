@@ -302,8 +302,11 @@ async fn route_dead(
 /// What running the routes made of one message.
 #[derive(Default)]
 struct Plan {
-    /// Copies to publish: their envelope, and their body (`None`: the message's own).
-    copies: Vec<(Envelope, Option<Vec<u8>>)>,
+    /// Copies to publish: their envelope, and their body (`None`: the message's own; else an
+    /// index into `bodies`, so an output sent to several destinations is held once).
+    copies: Vec<(Envelope, Option<usize>)>,
+    /// The transforms' outputs.
+    bodies: Vec<Vec<u8>>,
     /// Routes whose rule turned the message away, and which rule.
     filtered: Vec<(RouteName, String)>,
     /// Routes whose program failed, and jq's error.
@@ -324,6 +327,22 @@ fn plan(
         unrouted: entries.is_empty(),
         ..Plan::default()
     };
+    // The common case, no program on any route: copies only, none of the per-message work
+    // programs need (metadata strings, parsing).
+    if !entries
+        .iter()
+        .any(|e| router.transforms.needs_json(&e.route))
+    {
+        for entry in entries {
+            for d in &entry.destinations {
+                plan.copies.push((
+                    envelope.for_destination(d.clone(), entry.route.clone()),
+                    None,
+                ));
+            }
+        }
+        return plan;
+    }
     let mut parse = Some(parse);
     let mut input: Option<Result<Input, String>> = None;
     let (id, received_at) = (envelope.id.to_string(), envelope.received_at.to_rfc3339());
@@ -361,13 +380,15 @@ fn plan(
                 .push((entry.route.clone(), "transform emitted nothing".into())),
             Ok(Applied::Outputs(outputs)) => {
                 for (part, output) in outputs.into_iter().enumerate() {
+                    let body = plan.bodies.len();
+                    plan.bodies.push(output.body);
                     for d in &entry.destinations {
                         let mut e = copy(d);
                         e.part = Some(u32::try_from(part).unwrap_or(u32::MAX));
                         e.path.clone_from(&output.path);
                         e.method.clone_from(&output.method);
                         e.content_type = "application/json".into();
-                        plan.copies.push((e, Some(output.body.clone())));
+                        plan.copies.push((e, Some(body)));
                     }
                 }
             }
@@ -436,7 +457,7 @@ async fn carry_out(
         publisher.publish(
             deliver_exchange,
             destination,
-            own.as_deref().unwrap_or(body),
+            own.map_or(body, |i| plan.bodies[i].as_slice()),
             e.to_properties(),
         )
     });
