@@ -4,9 +4,9 @@
 //!
 //! What it serves:
 //! - `POST /api/dataValueSets` (JSON only): the 2.38+ `WebMessage` answers, 200 `OK`, 409
-//!   `WARNING` with per-row conflicts (E7610 data element, E7612 org unit, E7611 period, E7618
-//!   value missing) and `rejectedIndexes`, 409 `ERROR` when the whole set is refused (E7600
-//!   data set, E7603 org unit). Under `/api/{NN}/dataValueSets` with `NN` < 38, the bare
+//!   `WARNING` with per-row conflicts (E7610 data element, E7613 category option combo, E7612
+//!   org unit, E7611 period, E7618 value missing) and `rejectedIndexes`, 409 `ERROR` when the
+//!   whole set is refused (E7600 data set, E7603 org unit, E7604 attribute option combo). Under `/api/{NN}/dataValueSets` with `NN` < 38, the bare
 //!   `ImportSummary`, always 200. With `async=true`, a `DATAVALUE_IMPORT` job instead, followed
 //!   at `/api/system/tasks/DATAVALUE_IMPORT/{id}` and `/api/system/taskSummaries/…/{id}`.
 //! - `POST /api/tracker` (flat or nested payloads): asynchronous by default ("Tracker job
@@ -56,6 +56,9 @@ pub struct Metadata {
     pub org_units: BTreeSet<String>,
     /// Data set UIDs.
     pub data_sets: BTreeSet<String>,
+    /// Category option combo UIDs, for data values' `categoryOptionCombo` and data value sets'
+    /// `attributeOptionCombo` alike.
+    pub category_option_combos: BTreeSet<String>,
     /// Program UIDs.
     pub programs: BTreeSet<String>,
     /// Program stage UIDs.
@@ -81,6 +84,7 @@ impl Default for Metadata {
             ]),
             org_units: set(&["DiszpKrYNg8"]),
             data_sets: set(&["pBOMPrpg1QX"]),
+            category_option_combos: set(&[DEFAULT_COMBO, "prWYhmj1HXF"]),
             programs: set(&["lxAQ7Zs9VYR"]),
             program_stages: set(&["dBwrot7S420"]),
         }
@@ -572,9 +576,13 @@ fn conflict(
     let message = match code {
         "E7600" => format!("Data set not found or not accessible: `{uid}`"),
         "E7603" => format!("Org unit not found or not accessible: `{uid}`"),
+        "E7604" => format!("Attribute option combo not found or not accessible: `{uid}`"),
         "E7610" => format!("Data element not found or not accessible: `{uid}`"),
         "E7611" => format!("Period not valid: `{uid}`"),
         "E7612" => format!("Organisation unit not found or not accessible: `{uid}`"),
+        "E7613" => {
+            format!("Category option combo not found or not accessible for writing data: `{uid}`")
+        }
         "E7618" => format!("Data value or comment not specified for data element: `{uid}`"),
         _ => format!("{code}: `{uid}`"),
     };
@@ -621,10 +629,20 @@ fn import_data_values(
     // Whole-set problems abort the import (DataValueSetImportValidator.abortDataSetImport).
     let abort = if let Some(ds) = top("dataSet").filter(|ds| !metadata.data_sets.contains(ds)) {
         Some(conflict("E7600", "dataSet", "dataSet", &ds, None))
+    } else if let Some(ou) = top("orgUnit").filter(|ou| !metadata.org_units.contains(ou)) {
+        Some(conflict("E7603", "orgUnit", "organisationUnit", &ou, None))
     } else {
-        top("orgUnit")
-            .filter(|ou| !metadata.org_units.contains(ou))
-            .map(|ou| conflict("E7603", "orgUnit", "organisationUnit", &ou, None))
+        top("attributeOptionCombo")
+            .filter(|aoc| !metadata.category_option_combos.contains(aoc))
+            .map(|aoc| {
+                conflict(
+                    "E7604",
+                    "attributeOptionCombo",
+                    "categoryOptionCombo",
+                    &aoc,
+                    None,
+                )
+            })
     };
     if let Some(c) = abort {
         return summary(
@@ -656,8 +674,19 @@ fn import_data_values(
         let period = field("period").unwrap_or_default();
         let value = text(&row["value"]);
         let comment = row["comment"].as_str().map(str::to_owned);
+        let combo = row["categoryOptionCombo"]
+            .as_str()
+            .unwrap_or(DEFAULT_COMBO)
+            .to_owned();
         let problem = if !metadata.data_elements.contains(&data_element) {
             Some(("E7610", "dataElement", "dataElement", data_element.clone()))
+        } else if !metadata.category_option_combos.contains(&combo) {
+            Some((
+                "E7613",
+                "categoryOptionCombo",
+                "categoryOptionCombo",
+                combo.clone(),
+            ))
         } else if !metadata.org_units.contains(&org_unit) {
             Some(("E7612", "orgUnit", "organisationUnit", org_unit.clone()))
         } else if period.is_empty() {
@@ -675,10 +704,7 @@ fn import_data_values(
             continue;
         }
         let data_value = DataValue {
-            category_option_combo: row["categoryOptionCombo"]
-                .as_str()
-                .unwrap_or(DEFAULT_COMBO)
-                .to_owned(),
+            category_option_combo: combo,
             attribute_option_combo: field("attributeOptionCombo")
                 .unwrap_or_else(|| DEFAULT_COMBO.to_owned()),
             data_element,
@@ -1219,6 +1245,35 @@ mod tests {
         assert_eq!(commented.comment.as_deref(), Some("from CHW reports"));
         assert_eq!(commented.org_unit, "DiszpKrYNg8");
         assert_eq!(commented.attribute_option_combo, "HllvX50cXC0");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_category_option_combo_rejects_its_row_and_an_unknown_attribute_combo_the_set()
+     {
+        let dhis2 = Dhis2::start().await;
+        let mut set = fixture("datavalueset.json");
+        set["dataValues"][1]["categoryOptionCombo"] = json!("prWYhmj1HXX");
+
+        let (status, answer) = post(&dhis2, "/api/dataValueSets", &set).await;
+
+        assert_eq!(status, 409, "{answer}");
+        assert_eq!(answer["status"], "WARNING", "{answer}");
+        let conflict = &answer["response"]["conflicts"][0];
+        assert_eq!(conflict["errorCode"], "E7613", "{answer}");
+        assert_eq!(conflict["object"], "prWYhmj1HXX");
+        assert_eq!(conflict["indexes"], json!([1]));
+        assert_eq!(answer["response"]["rejectedIndexes"], json!([1]));
+        assert_eq!(dhis2.data_values().len(), 2, "the other rows are imported");
+
+        set["attributeOptionCombo"] = json!("HllvX50cXC1");
+        let (status, answer) = post(&dhis2, "/api/dataValueSets", &set).await;
+        assert_eq!(status, 409, "{answer}");
+        assert_eq!(answer["status"], "ERROR", "{answer}");
+        assert_eq!(
+            answer["response"]["conflicts"][0]["errorCode"], "E7604",
+            "{answer}"
+        );
+        assert_eq!(dhis2.data_values().len(), 2, "nothing more is stored");
     }
 
     #[tokio::test]
