@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use hiway_config::{Config, SecretString};
-use hiway_proto::audit::AuditEvent;
 use hiway_proto::topology::DestinationTopology;
 use hiway_proto::{Names, topology};
 use lapin::Confirmation;
@@ -17,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Why a publish was not accepted by the broker. In every case the message may not be stored,
 /// so the caller must not report success (ingress answers 503; a consumer does not ack).
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum PublishError {
     /// The channel or connection failed.
     #[error("the broker connection failed: {0}")]
@@ -31,6 +30,9 @@ pub enum PublishError {
     /// No confirm arrived in time.
     #[error("no confirm from the broker within {0:?}")]
     Timeout(Duration),
+    /// The audit batcher has stopped (its session is ending), so nothing more is published.
+    #[error("the audit batcher has stopped")]
+    Closed,
 }
 
 /// How to reach the broker, and what to declare on it.
@@ -219,8 +221,13 @@ impl Publisher {
         }
     }
 
-    /// Publishes a batch of audit events as one message and waits for the confirm.
-    pub async fn publish_audit(&self, events: &[AuditEvent]) -> Result<(), PublishError> {
+    /// Publishes a batch of audit events (`AuditEvent`s, or references to them) as one
+    /// message and waits for the confirm. Workers go through [`crate::AuditBatcher`], which
+    /// gathers the events of many messages into one call.
+    pub async fn publish_audit<E: serde::Serialize>(
+        &self,
+        events: &[E],
+    ) -> Result<(), PublishError> {
         // Serializing plain data structures cannot fail.
         let body = serde_json::to_vec(events).unwrap_or_default();
         let props = BasicProperties::default()

@@ -2,10 +2,12 @@
 //! connections and confirmed publishing. No business logic lives here.
 
 pub mod amqp;
+pub mod audit;
 pub mod cli;
 pub mod consume;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use amqp::{Broker, PublishError, Publisher};
+pub use audit::{AuditBatcher, AuditWriter};
 pub use shutdown::stop_signal;

@@ -6,7 +6,9 @@
 //! (one for `http`; a post and job polls for an asynchronous `dhis2` import; a workflow of
 //! several for `openmrs`), with the copy's idempotency key in `Idempotency-Key` and the
 //! message id in `X-Hiway-Message-Id`, and comes back with one outcome ([`outcome`]):
-//! - delivered: it records `delivered` in the audit trail and acks once that is confirmed;
+//! - delivered: it records `delivered` in the audit trail and acks once that is confirmed
+//!   (the audit events of all the deliveries in hand travel in one broker message,
+//!   [`AuditBatcher`]);
 //! - retryable, attempts left: it publishes the message to the retry queue for the next wait
 //!   of the destination's schedule (attempt count and history in its headers), records the
 //!   attempt, and acks once both are confirmed;
@@ -32,7 +34,7 @@ use hiway_proto::audit::{AuditEvent, AuditKind};
 use hiway_proto::{Envelope, Names};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
-use hiway_runtime::{Broker, Publisher};
+use hiway_runtime::{AuditBatcher, Broker, Publisher};
 use lapin::Connection;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
@@ -115,13 +117,32 @@ async fn session(
     stop: &CancellationToken,
 ) -> Result<(), lapin::Error> {
     let publisher = broker.publisher(conn).await?;
+    // The audit events of every delivery in hand, across destinations, leave together.
+    let (audit, audit_writer) = AuditBatcher::start(publisher.clone());
+    let out = Out {
+        publisher: &publisher,
+        audit: &audit,
+        names: broker.names(),
+    };
     let workers = sender
         .destinations
         .iter()
-        .map(|destination| serve(broker, conn, &publisher, destination, sender.drain, stop));
+        .map(|destination| serve(broker, conn, &out, destination, sender.drain, stop));
     let ended = try_join_all(workers).await.map(|_| ());
+    // Every delivery has settled; let the last audit batches be confirmed before the channel
+    // they use closes.
+    drop(audit);
+    audit_writer.finish().await;
     publisher.close().await;
     ended
+}
+
+/// Where a delivery's results go: retries and dead letters to the publisher, audit events to
+/// the batcher.
+struct Out<'a> {
+    publisher: &'a Publisher,
+    audit: &'a AuditBatcher,
+    names: &'a Names,
 }
 
 /// Serves one destination: consumes while its circuit is closed; when it trips, lets go of
@@ -129,7 +150,7 @@ async fn session(
 async fn serve(
     broker: &Broker,
     conn: &Connection,
-    publisher: &Publisher,
+    out: &Out<'_>,
     destination: &Destination,
     drain: Duration,
     stop: &CancellationToken,
@@ -152,7 +173,7 @@ async fn serve(
             destination.concurrency,
             &round,
             drain,
-            |delivery| deliver(destination, publisher, names, &breaker, delivery),
+            |delivery| deliver(destination, out, &breaker, delivery),
         )
         .await?;
         // Closing the channel returns the messages it was holding, unstarted, to the queue:
@@ -181,7 +202,7 @@ async fn serve(
             let id = Envelope::from_properties(&message.delivery.properties)
                 .ok()
                 .map(|e| e.id);
-            let answered = deliver(destination, publisher, names, &breaker, message.delivery).await;
+            let answered = deliver(destination, out, &breaker, message.delivery).await;
             close_channel(&probe_channel).await;
             if answered {
                 tracing::info!(destination = %destination.name, "probe answered: circuit closed");
@@ -193,7 +214,7 @@ async fn serve(
                             destination: destination.name.clone(),
                         },
                     );
-                    if let Err(error) = publisher.publish_audit(&[event]).await {
+                    if let Err(error) = out.audit.record(vec![event]).await {
                         tracing::warn!(%error, "could not record that the circuit closed");
                     }
                 }
@@ -215,11 +236,15 @@ struct Settings {
 /// either way it is up, which is what a circuit probe asks.
 async fn deliver(
     destination: &Destination,
-    publisher: &Publisher,
-    names: &Names,
+    out: &Out<'_>,
     breaker: &Breaker,
     delivery: Delivery,
 ) -> bool {
+    let Out {
+        publisher,
+        audit,
+        names,
+    } = *out;
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
@@ -283,7 +308,7 @@ async fn deliver(
                         duration_ms,
                     },
                 );
-                publisher.publish_audit(&[event]).await
+                audit.record(vec![event]).await
             }
             Outcome::Retry {
                 status,
@@ -309,7 +334,7 @@ async fn deliver(
                 let events: Vec<_> = std::iter::once(event).chain(tripped).collect();
                 tokio::try_join!(
                     publisher.publish(&exchange, &key, &body, props),
-                    publisher.publish_audit(&events),
+                    audit.record(events),
                 )
                 .map(|_| ())
             }
@@ -341,7 +366,7 @@ async fn deliver(
                         &reason,
                         SERVICE
                     ),
-                    publisher.publish_audit(&events),
+                    audit.record(events),
                 )
                 .map(|_| ())
             }

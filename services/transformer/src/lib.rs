@@ -4,8 +4,9 @@
 //! route's filter (a jq program; false turns the message away from this route), then its
 //! transform (a jq program whose zero, one or many outputs replace the message), and makes one
 //! copy per output and destination on the deliver exchange (routing key = destination). The
-//! audit batch (`received`, then `routed`, `filtered` or `unrouted`) and the copies are in
-//! flight together; the input is acked only once every one is confirmed. If any fails the
+//! audit events (`received`, then `routed`, `filtered` or `unrouted`) and the copies are in
+//! flight together; the input is acked only once every one is confirmed. The audit events of
+//! all the messages in hand travel together in one broker message ([`AuditBatcher`]). If any fails the
 //! input is returned to the queue, so a copy may be sent twice but never lost (destinations
 //! dedupe on the idempotency key). A route whose program fails on a message dead-letters that
 //! message for that route alone, with jq's error; the other routes go on. A message whose
@@ -27,7 +28,7 @@ use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead};
 use hiway_proto::{Envelope, RouteName, headers};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
-use hiway_runtime::{Broker, Publisher};
+use hiway_runtime::{AuditBatcher, Broker, Publisher};
 use hiway_transform::{Applied, Input, Meta, Transforms};
 use lapin::Connection;
 use lapin::message::Delivery;
@@ -141,6 +142,13 @@ async fn session(
 ) -> Result<(), lapin::Error> {
     let names = broker.names();
     let publisher = broker.publisher(conn).await?;
+    // The audit events of every message in hand leave together, one broker message per batch.
+    let (audit, audit_writer) = AuditBatcher::start(publisher.clone());
+    let out = Out {
+        publisher: &publisher,
+        audit: &audit,
+        deliver_exchange: &names.deliver_exchange(),
+    };
     // Prefetch bounds how many messages are being routed at once (and so memory: at most
     // prefetch × the largest body); all of them are handled concurrently, so their confirms
     // are in flight together.
@@ -149,13 +157,12 @@ async fn session(
         .consumer(conn, &names.ingress_queue(), "hiway-transformer", prefetch)
         .await?;
     tracing::info!(queue = %names.ingress_queue(), prefetch, "transformer consuming");
-    let deliver_exchange = names.deliver_exchange();
     let ingress = consume_concurrently(
         consumer,
         usize::from(prefetch),
         stop,
         settings.drain,
-        |delivery| route(&publisher, &deliver_exchange, router, delivery),
+        |delivery| route(&out, router, delivery),
     );
     let ended = if router.routes.has_on_dead() {
         let declare = conn.create_channel().await?;
@@ -174,7 +181,7 @@ async fn session(
             usize::from(prefetch),
             stop,
             settings.drain,
-            |delivery| route_dead(&publisher, &deliver_exchange, router, delivery),
+            |delivery| route_dead(&out, router, delivery),
         );
         let ended = tokio::try_join!(ingress, on_dead).map(|_| ());
         close_channel(&dead_channel).await;
@@ -182,18 +189,31 @@ async fn session(
     } else {
         ingress.await
     };
+    // Every handler has settled; let the last audit batches be confirmed before the channel
+    // they use closes.
+    drop(audit);
+    audit_writer.finish().await;
     close_channel(&channel).await;
     publisher.close().await;
     ended
 }
 
+/// Where a handler's results go: copies and dead letters to the publisher, audit events to
+/// the batcher.
+struct Out<'a> {
+    publisher: &'a Publisher,
+    audit: &'a AuditBatcher,
+    deliver_exchange: &'a str,
+}
+
 /// Routes one message from the ingress queue and settles it.
-async fn route(publisher: &Publisher, deliver_exchange: &str, router: &Router, delivery: Delivery) {
+async fn route(out: &Out<'_>, router: &Router, delivery: Delivery) {
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, "dead-lettering a message whose envelope cannot be read");
-            return publisher
+            return out
+                .publisher
                 .settle_poison(delivery, &error.to_string(), SERVICE)
                 .await;
         }
@@ -223,15 +243,7 @@ async fn route(publisher: &Publisher, deliver_exchange: &str, router: &Router, d
         };
         let body = &delivery.data;
         let plan = plan(router, &envelope, &entries, || hiway_transform::parse(body));
-        let durable = carry_out(
-            publisher,
-            deliver_exchange,
-            &envelope,
-            body,
-            plan,
-            Some(received),
-        )
-        .await;
+        let durable = carry_out(out, &envelope, body, plan, Some(received)).await;
         settle(&delivery, durable).await;
     }
     .instrument(span)
@@ -239,12 +251,7 @@ async fn route(publisher: &Publisher, deliver_exchange: &str, router: &Router, d
 }
 
 /// Runs the on-dead routes on one dead letter and settles it.
-async fn route_dead(
-    publisher: &Publisher,
-    deliver_exchange: &str,
-    router: &Router,
-    delivery: Delivery,
-) {
+async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery) {
     // Only dead copies on their way to a destination concern on-dead routes; a dead letter
     // that is not one (poison, a failed transform, or a copy an on-dead route made) is taken
     // off this queue and left to the dead-letter store.
@@ -292,7 +299,7 @@ async fn route_dead(
         source.route = None;
         source.destination = None;
         let plan = plan(router, &source, &entries, input);
-        let durable = carry_out(publisher, deliver_exchange, &source, body, plan, None).await;
+        let durable = carry_out(out, &source, body, plan, None).await;
         settle(&delivery, durable).await;
     }
     .instrument(span)
@@ -404,8 +411,7 @@ fn plan(
 /// Publishes a plan's copies, dead letters and audit events, all in flight together. Ok only
 /// when every one was confirmed.
 async fn carry_out(
-    publisher: &Publisher,
-    deliver_exchange: &str,
+    out: &Out<'_>,
     envelope: &Envelope,
     body: &[u8],
     plan: Plan,
@@ -454,8 +460,8 @@ async fn carry_out(
     }
     let copies = plan.copies.iter().map(|(e, own)| {
         let destination = e.destination.as_ref().map_or("", |d| d.as_str());
-        publisher.publish(
-            deliver_exchange,
+        out.publisher.publish(
+            out.deliver_exchange,
             destination,
             own.map_or(body, |i| plan.bodies[i].as_slice()),
             e.to_properties(),
@@ -466,13 +472,11 @@ async fn carry_out(
     let dead = plan.failed.iter().map(|(route, reason)| {
         let mut e = envelope.clone();
         e.route = Some(route.clone());
-        publisher.publish_dead_parts(DEAD_KEY_INGRESS, body, e.to_properties(), reason, SERVICE)
+        out.publisher
+            .publish_dead_parts(DEAD_KEY_INGRESS, body, e.to_properties(), reason, SERVICE)
     });
-    let (copies, dead, audit) = tokio::join!(
-        join_all(copies),
-        join_all(dead),
-        publisher.publish_audit(&events)
-    );
+    let (copies, dead, audit) =
+        tokio::join!(join_all(copies), join_all(dead), out.audit.record(events));
     copies
         .into_iter()
         .chain(dead)
