@@ -42,6 +42,25 @@ pub struct Installation {
     dir: PathBuf,
 }
 
+/// The route's jq transform: a typical mapping, the CommCare form to a DHIS2 tracker event (as
+/// in `config/examples/commcare-to-dhis2-event`, without its lookup tables), so that the end-to-end
+/// figures include the cost of parsing the body, running jq and serializing its output.
+const TRANSFORM: &str = r#"{
+  events: [{
+    event: (.id | dhis2_uid),
+    program: "lxAQ7Zs9VYR",
+    programStage: "dBwrot7S420",
+    orgUnit: "DiszpKrYNg8",
+    status: "COMPLETED",
+    occurredAt: "\(.form.visit_date)T00:00:00.000",
+    completedAt: (.form.meta.timeEnd[0:19] + ".000"),
+    dataValues: [
+      { dataElement: "qrur9Dvnyt5", value: .form.weight_kg },
+      { dataElement: "oZg33kd9taw", value: .form.danger_signs }
+    ] | map(select(.value != null and .value != ""))
+  }]
+}"#;
+
 impl Installation {
     /// Creates the database and writes the configuration: every service setting at its
     /// default (the bench measures hiway as shipped), except names, addresses and the log
@@ -87,6 +106,8 @@ url = "{slow_url}"
 [routes.{ROUTE}]
 channels = ["{CHANNEL}"]
 destinations = ["{SINK}"]
+filter = '.form."@name" == "ANC Visit"'
+transform = '''{TRANSFORM}'''
 "#,
             key_hash = hiway_ingress::auth::hash_secret(CLIENT_KEY),
         );

@@ -134,6 +134,8 @@ pub struct Report {
     pub logs: Vec<LogSummary>,
     /// Redeliveries seen by the sinks, and requests without a message id.
     pub sink_anomalies: (u64, u64),
+    /// Bodies the end-to-end sink got that are not the route's transform output.
+    pub untransformed: u64,
     /// Why the run stopped early, if it did.
     pub failure: Option<String>,
 }
@@ -407,8 +409,9 @@ impl Report {
              rate, open loop (requests are sent on schedule whether or not earlier ones were \
              answered; at most {} in flight, a request over that cap is not sent and counts as an \
              error). One route sends the channel to one destination, a sink in the bench process \
-             that answers 200 at once. **The route has no transform: transforms do not exist yet, \
-             so this measures routing only.** hiway-audit writes the whole audit trail to \
+             that answers 200 at once. The route has a jq filter on the form's name and a jq \
+             transform that turns the form into a DHIS2 tracker event (the sink checks that \
+             every body it gets is one). hiway-audit writes the whole audit trail to \
              PostgreSQL meanwhile.\n",
             crate::load::FORM.len(),
             crate::load::MAX_IN_FLIGHT
@@ -551,6 +554,13 @@ impl Report {
             let _ = writeln!(
                 out,
                 "The sinks saw {duplicates} redeliveries of a message they already had and {unidentified} requests without a message id.\n"
+            );
+        }
+        if self.untransformed > 0 {
+            let _ = writeln!(
+                out,
+                "**The end-to-end sink got {} bodies that are not the transform's output.**\n",
+                self.untransformed
             );
         }
     }

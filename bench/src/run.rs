@@ -89,6 +89,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         scaling: None,
         logs: Vec::new(),
         sink_anomalies: (0, 0),
+        untransformed: 0,
         failure: None,
     };
 
@@ -105,6 +106,13 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
     report.logs = fleet.log_summaries();
     let (a, b) = (sink.anomalies(), slow.anomalies());
     report.sink_anomalies = (a.0 + b.0, a.1 + b.1);
+    report.untransformed = sink.untransformed();
+    if report.untransformed > 0 && report.failure.is_none() {
+        report.failure = Some(format!(
+            "the sink got {} bodies that are not the route's transform output",
+            report.untransformed
+        ));
+    }
     install.remove().await;
     sink.stop().await;
     slow.stop().await;

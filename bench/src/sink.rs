@@ -38,6 +38,9 @@ struct SinkState {
     duplicates: AtomicU64,
     /// Requests without a readable message id.
     unidentified: AtomicU64,
+    /// Bodies that are not a tracker payload (`{"events":…`), the end-to-end route's transform
+    /// output. Meaningless for the scaling sink, which gets envelopes published raw.
+    untransformed: AtomicU64,
 }
 
 impl Sink {
@@ -48,6 +51,7 @@ impl Sink {
             arrivals: Mutex::new(HashMap::new()),
             duplicates: AtomicU64::new(0),
             unidentified: AtomicU64::new(0),
+            untransformed: AtomicU64::new(0),
         });
         let app = Router::new()
             .route("/receive", post(receive))
@@ -117,6 +121,11 @@ impl Sink {
         )
     }
 
+    /// Bodies received that were not a transform's tracker payload, since the start.
+    pub fn untransformed(&self) -> u64 {
+        self.state.untransformed.load(Ordering::Relaxed)
+    }
+
     /// Forgets every arrival.
     pub fn reset(&self) {
         self.arrivals().clear();
@@ -130,14 +139,17 @@ impl Sink {
 }
 
 /// Records the arrival before anything else (the latency ends when hiway's request is here),
-/// then plays the destination's delay and answers 200. The body is taken so the connection
-/// stays reusable, as a real destination would read it.
+/// then plays the destination's delay and answers 200. The body is read (as a real destination
+/// would, which keeps the connection reusable) and checked to be a transform's output.
 async fn receive(
     State(state): State<Arc<SinkState>>,
     headers: HeaderMap,
-    _body: Bytes,
+    body: Bytes,
 ) -> StatusCode {
     let at = Instant::now();
+    if !body.starts_with(br#"{"events":["#) {
+        state.untransformed.fetch_add(1, Ordering::Relaxed);
+    }
     let id = headers
         .get(HTTP_MESSAGE_ID)
         .and_then(|v| v.to_str().ok())
