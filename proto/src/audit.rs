@@ -93,7 +93,8 @@ pub enum AuditKind {
         route: Option<RouteName>,
         /// Which attempt succeeded (1 for the first).
         attempt: u32,
-        /// The destination's 2xx status.
+        /// The status the destination answered: 2xx, or another that means delivered there
+        /// (one its `delivered_statuses` lists, a DHIS2 409 for objects that exist already).
         status_code: u16,
         /// How long the successful attempt took.
         duration_ms: u64,

@@ -353,3 +353,58 @@ headers = { "X-Note" = "line one\nline two" }
         "{stderr}"
     );
 }
+
+#[test]
+fn config_check_names_each_mistake_in_delivered_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "10-base.toml", BASE);
+    write(
+        dir.path(),
+        "40-destinations.toml",
+        r#"
+[destinations.childshield]
+url = "http://127.0.0.1:1/api/v1/cases"
+delivered_statuses = [409, 503, 42]
+[destinations.tracker]
+kind = "dhis2"
+url = "http://127.0.0.1:1/api/tracker"
+delivered_statuses = [409]
+"#,
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    for expected in [
+        "destinations.childshield.delivered_statuses[1]: 503 asks for another try",
+        "destinations.childshield.delivered_statuses[2]: 42 is not an HTTP status",
+        "destinations.tracker.delivered_statuses: only kind = \"http\" reads it",
+        "40-destinations.toml",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(!stderr.contains("delivered_statuses[0]"), "{stderr}");
+
+    // A value that is not a status number at all stops loading, naming the key and the file.
+    write(
+        dir.path(),
+        "40-destinations.toml",
+        "[destinations.childshield]\nurl = \"http://127.0.0.1:1/\"\ndelivered_statuses = [\"409\"]\n",
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(!ok);
+    assert!(
+        stderr.contains("destinations.childshield.delivered_statuses"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("40-destinations.toml"), "{stderr}");
+
+    write(
+        dir.path(),
+        "40-destinations.toml",
+        "[destinations.childshield]\nurl = \"http://127.0.0.1:1/\"\ndelivered_statuses = [409]\n",
+    );
+    let (ok, stderr) = check(dir.path());
+    assert!(ok, "{stderr}");
+}

@@ -120,6 +120,71 @@ async fn a_400_goes_dead_at_once_with_the_destinations_words_and_replay_delivers
 }
 
 #[tokio::test]
+async fn a_409_is_delivered_where_the_destination_lists_it_in_delivered_statuses_and_dead_where_it_does_not()
+ {
+    // Two destinations that both answer 409 ("I have it already"): only one of them says so.
+    let lenient = Receiver::start().await;
+    let strict = Receiver::start().await;
+    for sink in [&lenient, &strict] {
+        sink.set_default(Some((409, r#"{"error":"already exists"}"#)));
+    }
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.forms]
+clients = ["source"]
+[destinations.lenient]
+url = "{}"
+delivered_statuses = [409]
+[destinations.strict]
+url = "{}"
+[routes.forms-to-both]
+channels = ["forms"]
+destinations = ["lenient", "strict"]
+"#,
+        lenient.url("/receive"),
+        strict.url("/receive"),
+    ))
+    .await;
+
+    let id = app.post_json("forms", &json!({"case": "c-1"})).await;
+
+    let trail = app
+        .wait_for_trail(
+            id,
+            &["received", "routed", "delivered", "attempted", "dead"],
+        )
+        .await;
+    let delivered: Vec<_> = trail.iter().filter(|e| e.kind == "delivered").collect();
+    assert_eq!(delivered.len(), 1, "{trail:#?}");
+    assert_eq!(delivered[0].destination.as_deref(), Some("lenient"));
+    assert_eq!(
+        delivered[0].status_code,
+        Some(409),
+        "the trail keeps the status given"
+    );
+    let attempted = trail.iter().find(|e| e.kind == "attempted").unwrap();
+    assert_eq!(attempted.destination.as_deref(), Some("strict"));
+    assert_eq!(attempted.status_code, Some(409));
+    let dead = app.dead_letters("dead").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].destination.as_deref(), Some("strict"));
+    assert_eq!(dead[0].last_status_code, Some(409));
+    assert!(
+        dead[0].reason.starts_with("permanent failure: HTTP 409"),
+        "{}",
+        dead[0].reason
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lenient.arrived(),
+        1,
+        "a delivered message is not sent again"
+    );
+    assert_eq!(strict.arrived(), 1, "a permanent failure is not retried");
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_dhis2_409_with_conflicts_goes_dead_with_dhis2s_own_conflict_texts() {
     let dhis2 = Receiver::start().await;
     let warning = include_str!("../fixtures/dhis2/resp-238-409-warning.json");

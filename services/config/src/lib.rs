@@ -333,6 +333,11 @@ pub struct DestinationConfig {
     /// When a sender stops sending to a destination that keeps failing.
     #[serde(default)]
     pub circuit: CircuitConfig,
+    /// HTTP statuses that count as delivered besides 2xx, for a destination whose refusal
+    /// means "it is here already" (a 409 for a key it holds). `http` kind only; none of
+    /// 408, 425, 429 or 5xx, which ask for another try.
+    #[serde(default)]
+    pub delivered_statuses: Vec<u16>,
     /// Settings of the `dhis2` kind.
     #[serde(default)]
     pub dhis2: Dhis2Settings,
@@ -827,6 +832,30 @@ impl Config {
                 err(
                     format!("destinations.{name}.circuit.cool_down"),
                     "must be longer than zero".into(),
+                );
+            }
+            for (i, &code) in d.delivered_statuses.iter().enumerate() {
+                let key = format!("destinations.{name}.delivered_statuses[{i}]");
+                if !(100..=599).contains(&code) {
+                    err(key, format!("{code} is not an HTTP status (100 to 599)"));
+                } else if matches!(code, 408 | 425 | 429 | 500..=599) {
+                    // Such an answer says the request was not handled (yet): counting it as
+                    // delivered would lose the message while the destination is down.
+                    err(
+                        key,
+                        format!(
+                            "{code} asks for another try (a server error, or 408, 425, 429), so it never means the message arrived"
+                        ),
+                    );
+                }
+            }
+            if !d.delivered_statuses.is_empty() && d.kind != DestinationKind::Http {
+                // The other kinds read their systems' own bodies, where a 409 has meanings of
+                // its own (DHIS2 conflicts, FHIR version conflicts) or a status belongs to one
+                // step of several (OpenMRS): ignoring the list silently would mislead.
+                err(
+                    format!("destinations.{name}.delivered_statuses"),
+                    "only kind = \"http\" reads it; this destination's kind reads its system's own answers (docs/kinds/)".into(),
                 );
             }
             if d.timeout.is_zero() || d.connect_timeout.is_zero() {

@@ -40,6 +40,7 @@ fn a_valid_configuration_fills_per_entry_defaults() {
     assert_eq!(dhis2.concurrency, 16);
     assert_eq!(dhis2.effective_prefetch(), 32);
     assert_eq!(dhis2.method, "POST");
+    assert!(dhis2.delivered_statuses.is_empty());
 }
 
 #[test]
@@ -170,4 +171,71 @@ fn a_secret_string_without_a_known_source_is_refused_without_echoing_it() {
     .to_string();
     assert!(err.contains("env:VAR"), "{err}");
     assert!(!err.contains("s3cr3t-typed-inline"), "{err}");
+}
+
+/// The valid configuration with these lines added to its one destination.
+fn with_destination_lines(lines: &str) -> String {
+    valid().replace(
+        "[destinations.dhis2]\n",
+        &format!("[destinations.dhis2]\n{lines}\n"),
+    )
+}
+
+#[test]
+fn delivered_statuses_accept_any_status_that_does_not_ask_for_another_try() {
+    let toml = with_destination_lines("delivered_statuses = [409, 200, 303, 409]");
+    let config = Config::from_toml(&toml).unwrap();
+    let d = &config.destinations[&DestinationName::parse("dhis2").unwrap()];
+    assert_eq!(d.delivered_statuses, [409, 200, 303, 409]);
+}
+
+#[test]
+fn delivered_statuses_outside_100_to_599_are_refused_by_position() {
+    let toml = with_destination_lines("delivered_statuses = [409, 99, 600]");
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(
+        err.contains("destinations.dhis2.delivered_statuses[1]: 99 is not an HTTP status"),
+        "{err}"
+    );
+    assert!(
+        err.contains("destinations.dhis2.delivered_statuses[2]: 600 is not an HTTP status"),
+        "{err}"
+    );
+    assert!(!err.contains("delivered_statuses[0]"), "{err}");
+}
+
+#[test]
+fn delivered_statuses_that_ask_for_another_try_are_refused_so_no_outage_counts_as_delivered() {
+    for code in [408, 425, 429, 500, 501, 503, 505, 599] {
+        let toml = with_destination_lines(&format!("delivered_statuses = [{code}]"));
+        let err = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "destinations.dhis2.delivered_statuses[0]: {code} asks for another try"
+            )),
+            "{code}: {err}"
+        );
+    }
+}
+
+#[test]
+fn delivered_statuses_that_are_not_numbers_of_16_bits_are_refused_naming_the_field() {
+    for value in ["[70000]", "[-1]", "409", r#"["409"]"#] {
+        let toml = with_destination_lines(&format!("delivered_statuses = {value}"));
+        let err = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(err.contains("delivered_statuses"), "{value}: {err}");
+    }
+}
+
+#[test]
+fn delivered_statuses_are_refused_on_kinds_that_read_their_systems_own_answers() {
+    for kind in ["dhis2", "fhir", "openmrs"] {
+        let toml =
+            with_destination_lines(&format!("kind = \"{kind}\"\ndelivered_statuses = [409]"));
+        let err = Config::from_toml(&toml).unwrap_err().to_string();
+        assert!(
+            err.contains("destinations.dhis2.delivered_statuses: only kind = \"http\" reads it"),
+            "{kind}: {err}"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! The rules (see also `docs/delivery.md`):
 //! - 2xx is delivered, unless a `dhis2` destination's import summary says values were
-//!   rejected;
+//!   rejected; so is any status an `http` destination lists in `delivered_statuses`;
 //! - connection errors, timeouts, 408, 425, 429 and 5xx (but 501 and 505) are retryable, with
 //!   `Retry-After` honoured;
 //! - every other answer is permanent: retrying cannot change it, so the message goes dead at
@@ -26,7 +26,7 @@ pub const ERROR_TEXT_LIMIT: usize = 2048;
 pub enum Outcome {
     /// The destination took it.
     Delivered {
-        /// Its 2xx status.
+        /// The status it answered: 2xx, or one that means delivered for this destination.
         status: u16,
     },
     /// It may work later.
@@ -105,6 +105,24 @@ pub fn classify(
     }
 }
 
+/// Reads an answer of an `http` destination: as [`classify`] does, except that a status the
+/// destination lists in `delivered_statuses` is delivered, with that status.
+///
+/// A retryable status is retried even when listed: configuration refuses to list one, and the
+/// check here keeps "never counts an outage as delivered" true whatever the list holds.
+pub fn classify_http(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    delivered_statuses: &[u16],
+) -> Outcome {
+    let code = status.as_u16();
+    if delivered_statuses.contains(&code) && !retryable(status) {
+        return Outcome::Delivered { status: code };
+    }
+    classify(DestinationKind::Http, status, headers, body)
+}
+
 /// A transport failure: nothing was answered, so another attempt may go through.
 pub fn transport_error(e: &reqwest::Error) -> Outcome {
     let kind = if e.is_timeout() {
@@ -177,6 +195,59 @@ mod tests {
     fn a_2xx_is_delivered() {
         assert_eq!(http(200), Outcome::Delivered { status: 200 });
         assert_eq!(http(204), Outcome::Delivered { status: 204 });
+    }
+
+    fn http_delivering(status: u16, delivered_statuses: &[u16]) -> Outcome {
+        classify_http(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            br#"{"errors":[{"field":"case_ref","message":"case already exists"}]}"#,
+            delivered_statuses,
+        )
+    }
+
+    #[test]
+    fn a_status_the_destination_lists_as_delivered_is_delivered_with_that_status() {
+        assert_eq!(
+            http_delivering(409, &[409]),
+            Outcome::Delivered { status: 409 }
+        );
+        assert_eq!(
+            http_delivering(303, &[409, 303]),
+            Outcome::Delivered { status: 303 }
+        );
+    }
+
+    #[test]
+    fn a_status_the_destination_does_not_list_keeps_its_usual_outcome() {
+        assert!(matches!(
+            http_delivering(409, &[]),
+            Outcome::Permanent {
+                status: Some(409),
+                ..
+            }
+        ));
+        assert!(matches!(
+            http_delivering(422, &[409]),
+            Outcome::Permanent {
+                status: Some(422),
+                ..
+            }
+        ));
+        assert_eq!(
+            http_delivering(201, &[409]),
+            Outcome::Delivered { status: 201 }
+        );
+    }
+
+    #[test]
+    fn a_retryable_status_is_retried_even_when_listed_as_delivered() {
+        for status in [408, 425, 429, 500, 503] {
+            assert!(
+                matches!(http_delivering(status, &[status]), Outcome::Retry { .. }),
+                "{status}"
+            );
+        }
     }
 
     #[test]

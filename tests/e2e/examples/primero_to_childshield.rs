@@ -207,7 +207,7 @@ async fn a_case_childshield_refuses_with_422_is_dead_and_primero_gets_one_sync_f
 }
 
 #[tokio::test]
-async fn a_case_childshield_already_holds_is_not_reported_to_primero_as_failed() {
+async fn a_case_childshield_already_holds_is_delivered_with_its_409_and_primero_is_not_told() {
     let childshield = Receiver::start().await;
     childshield.set_default(Some((
         409,
@@ -219,11 +219,30 @@ async fn a_case_childshield_already_holds_is_not_reported_to_primero_as_failed()
     let id = app.post_json(CHANNEL, &sample_case()).await;
 
     let trail = app
-        .wait_for_trail(id, &["received", "routed", "dead", "filtered"])
+        .wait_for_trail(id, &["received", "routed", "delivered"])
         .await;
-    let filtered = trail.iter().find(|e| e.kind == "filtered").unwrap();
-    assert_eq!(filtered.route.as_deref(), Some("sync-failed"));
+    let delivered = trail.iter().find(|e| e.kind == "delivered").unwrap();
+    assert_eq!(delivered.destination.as_deref(), Some("childshield"));
+    assert_eq!(
+        delivered.status_code,
+        Some(409),
+        "the trail keeps the status ChildShield gave"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let trail = app.trail(id).await;
+    let mut kinds: Vec<&str> = trail.iter().map(|e| e.kind.as_str()).collect();
+    kinds.sort_unstable();
+    assert_eq!(
+        kinds,
+        ["delivered", "received", "routed"],
+        "no failed attempt, nothing dead, no on-dead route: {trail:#?}"
+    );
+    assert!(app.dead_letters("dead").await.is_empty());
+    assert_eq!(
+        childshield.arrived(),
+        1,
+        "a delivered case is not sent again"
+    );
     assert_eq!(primero.arrived(), 0, "Primero is not told the sync failed");
     app.shutdown().await;
 }

@@ -1,10 +1,10 @@
-//! Plain HTTP: one request per message; the status code decides.
+//! Plain HTTP: one request per message; the status code decides, with the destination's
+//! `delivered_statuses` counted as delivered too.
 //!
 //! The request helpers here are shared by every kind: they set the destination's fixed
 //! headers and credentials, the message's content type and its idempotency key.
 
 use bytes::Bytes;
-use hiway_config::DestinationKind;
 use hiway_proto::{Envelope, headers};
 use reqwest::header::{CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
@@ -29,7 +29,12 @@ pub(crate) async fn send(destination: &Destination, envelope: &Envelope, body: B
         Err(outcome) => return outcome,
     };
     match exchange(request.body(body)).await {
-        Ok(a) => outcome::classify(DestinationKind::Http, a.status, &a.headers, &a.body),
+        Ok(a) => outcome::classify_http(
+            a.status,
+            &a.headers,
+            &a.body,
+            &destination.config.delivered_statuses,
+        ),
         Err(outcome) => outcome,
     }
 }
