@@ -454,6 +454,30 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
 }
 
 #[tokio::test]
+async fn a_destination_never_gets_more_requests_at_once_than_its_concurrency_though_more_are_held()
+{
+    let sink = Receiver::start().await;
+    sink.set_delay(Duration::from_millis(150));
+    let app = TestHiway::spawn(&one_route_with(&sink, "concurrency = 2\nprefetch = 12")).await;
+
+    let mut ids = HashSet::new();
+    for n in 0..12 {
+        ids.insert(app.post_json("forms", &json!({ "n": n })).await.to_string());
+    }
+    eventually("every message delivered", WAIT, || async {
+        ids.is_subset(&ids_at(&sink)).then_some(())
+    })
+    .await;
+
+    assert_eq!(
+        sink.peak_in_flight(),
+        2,
+        "12 messages held, but only `concurrency` requests at a time"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_destination_that_keeps_failing_opens_its_circuit_so_messages_wait_and_a_probe_closes_it()
 {
     let sink = Receiver::start().await;
@@ -478,7 +502,11 @@ circuit = { failures = 3, cool_down = "700ms" }"#,
     })
     .await;
     let at_open = sink.arrived();
-    assert_eq!(at_open, 3, "it opened on the third consecutive failure");
+    assert_eq!(
+        at_open, 3,
+        "it opened on the third consecutive failure, and the messages held waiting for a request \
+         slot were not sent"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let while_open = sink.arrived() - at_open;
     assert!(

@@ -36,6 +36,9 @@ impl Received {
 #[derive(Default)]
 struct Inner {
     arrived: std::sync::atomic::AtomicUsize,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak_in_flight: std::sync::atomic::AtomicUsize,
     received: Mutex<Vec<Received>>,
     script: Mutex<VecDeque<(u16, String)>>,
     default: Mutex<Option<(u16, String)>>,
@@ -109,6 +112,13 @@ impl Receiver {
         self.inner.arrived.load(std::sync::atomic::Ordering::SeqCst)
     }
 
+    /// The most requests it was answering at the same time.
+    pub fn peak_in_flight(&self) -> usize {
+        self.inner
+            .peak_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Everything received so far.
     pub fn received(&self) -> Vec<Received> {
         self.inner.received.lock().expect("lock").clone()
@@ -141,13 +151,15 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> impl IntoResponse {
-    inner
-        .arrived
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    use std::sync::atomic::Ordering::SeqCst;
+    inner.arrived.fetch_add(1, SeqCst);
+    let now = inner.in_flight.fetch_add(1, SeqCst) + 1;
+    inner.peak_in_flight.fetch_max(now, SeqCst);
     let delay = *inner.delay.lock().expect("lock");
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    inner.in_flight.fetch_sub(1, SeqCst);
     let answer = inner
         .script
         .lock()

@@ -325,7 +325,7 @@ pub struct DestinationConfig {
     /// Requests in flight per sender process.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Unacknowledged messages per sender process; default 2 × concurrency.
+    /// Unacknowledged messages per sender process; default 4 × concurrency.
     pub prefetch: Option<u16>,
     /// When failed deliveries are tried again.
     #[serde(default)]
@@ -506,10 +506,12 @@ fn default_jitter() -> f64 {
 }
 
 impl DestinationConfig {
-    /// The prefetch in force: the configured one, or twice the concurrency.
+    /// The prefetch in force: the configured one, or four times the concurrency (a quarter of
+    /// the messages held are talking to the destination; the others are waiting for a request
+    /// slot or for their outcome's confirm, which must not hold up the next request).
     pub fn effective_prefetch(&self) -> u16 {
         self.prefetch.unwrap_or_else(|| {
-            u16::try_from(self.concurrency.saturating_mul(2)).unwrap_or(u16::MAX)
+            u16::try_from(self.concurrency.saturating_mul(4)).unwrap_or(u16::MAX)
         })
     }
 }

@@ -38,7 +38,7 @@ fn a_valid_configuration_fills_per_entry_defaults() {
     assert_eq!(forms.max_body_bytes, 1024 * 1024);
     let dhis2 = &config.destinations[&DestinationName::parse("dhis2").unwrap()];
     assert_eq!(dhis2.concurrency, 16);
-    assert_eq!(dhis2.effective_prefetch(), 32);
+    assert_eq!(dhis2.effective_prefetch(), 64);
     assert_eq!(dhis2.method, "POST");
     assert!(dhis2.delivered_statuses.is_empty());
 }

@@ -55,6 +55,10 @@ pub struct Destination {
     pub headers: HeaderMap,
     /// Requests in flight at once in this process.
     pub concurrency: usize,
+    /// One permit per request in flight: a message holds one while its kind talks to the
+    /// destination, not while its outcome is being made durable, so waiting for the broker
+    /// does not take a request slot.
+    pub requests: tokio::sync::Semaphore,
     /// Unacknowledged messages held by this process.
     pub prefetch: u16,
     /// How its answers are read.
@@ -139,6 +143,7 @@ impl Destination {
             url: config.url.clone(),
             headers,
             concurrency: config.concurrency,
+            requests: tokio::sync::Semaphore::new(config.concurrency),
             prefetch: config.effective_prefetch(),
             kind: config.kind,
             retry: config.retry.clone(),

@@ -168,12 +168,15 @@ async fn serve(
             .consumer(conn, &queue, "hiway-sender", destination.prefetch)
             .await?;
         tracing::info!(%queue, concurrency = destination.concurrency, prefetch = destination.prefetch, "sender consuming");
+        // Every message held is handled at once; `destination.requests` lets `concurrency` of
+        // them talk to the destination while the others wait for a slot or for their outcome
+        // to be confirmed.
         consume_concurrently(
             consumer,
-            destination.concurrency,
+            usize::from(destination.prefetch),
             &round,
             drain,
-            |delivery| deliver(destination, out, &breaker, delivery),
+            |delivery| deliver(destination, out, &breaker, Some(&round), delivery),
         )
         .await?;
         // Closing the channel returns the messages it was holding, unstarted, to the queue:
@@ -202,7 +205,7 @@ async fn serve(
             let id = Envelope::from_properties(&message.delivery.properties)
                 .ok()
                 .map(|e| e.id);
-            let answered = deliver(destination, out, &breaker, message.delivery).await;
+            let answered = deliver(destination, out, &breaker, None, message.delivery).await;
             close_channel(&probe_channel).await;
             if answered {
                 tracing::info!(destination = %destination.name, "probe answered: circuit closed");
@@ -234,10 +237,15 @@ struct Settings {
 /// recorded, scheduled for retry, or dead), nack with requeue if that could not be made
 /// durable. Returns whether the destination answered (delivered, or a permanent refusal):
 /// either way it is up, which is what a circuit probe asks.
+///
+/// A message still waiting for a request slot when `round` ends (the circuit opened, or the
+/// sender is stopping) is not sent: it is left unacked, and goes back to its queue untried
+/// when the round's channel closes.
 async fn deliver(
     destination: &Destination,
     out: &Out<'_>,
     breaker: &Breaker,
+    round: Option<&CancellationToken>,
     delivery: Delivery,
 ) -> bool {
     let Out {
@@ -273,6 +281,14 @@ async fn deliver(
         } = delivery;
         // Moved, not copied: the same buffer is the request body and, if needed, the retry.
         let body = Bytes::from(data);
+        let slot = match round {
+            Some(round) => tokio::select! {
+                biased;
+                _ = round.cancelled() => return false,
+                slot = destination.requests.acquire() => slot,
+            },
+            None => destination.requests.acquire().await,
+        };
         let started = Instant::now();
         let outcome = kinds::send(destination, &envelope, body.clone()).await;
         let duration_ms = started.elapsed().as_millis() as u64;
@@ -294,6 +310,9 @@ async fn deliver(
                 },
             )
         });
+        // Freed only now that the breaker has counted this answer: a message waiting for the
+        // slot must see the round ended if this failure opened the circuit, not start a request.
+        drop(slot);
 
         let durable = match outcome {
             Outcome::Delivered { status } => {
