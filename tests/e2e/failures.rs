@@ -365,22 +365,33 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
         .await,
     );
 
-    // A source posting 3000 messages, 16 at a time, and posting each again after a refusal
-    // until it is accepted, as CommCare does with a 503.
+    // A source posting numbered messages, 16 at a time, and posting each again after a
+    // refusal until it is accepted, as CommCare does with a 503. It keeps posting until it
+    // is told to stop, well after the broker is back: a fixed number of posts could all be
+    // accepted before the broker went down, and then the test would prove nothing.
+    let accepted_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop_posting = tokio_util::sync::CancellationToken::new();
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = {
-        let app = app.clone();
+        let (app, accepted_so_far, stop_posting, next) = (
+            app.clone(),
+            accepted_so_far.clone(),
+            stop_posting.clone(),
+            next.clone(),
+        );
         tokio::spawn(async move {
-            let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let workers = (0..16).map(|_| {
-                let (app, next) = (app.clone(), next.clone());
+                let (app, next, accepted_so_far, stop_posting) = (
+                    app.clone(),
+                    next.clone(),
+                    accepted_so_far.clone(),
+                    stop_posting.clone(),
+                );
                 tokio::spawn(async move {
                     let mut accepted = Vec::new();
                     let mut refused = 0;
-                    loop {
+                    while !stop_posting.is_cancelled() {
                         let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if n >= 3000 {
-                            return (accepted, refused);
-                        }
                         loop {
                             let sent = app
                                 .request("forms")
@@ -392,6 +403,8 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
                                 Ok(r) if r.status() == 202 => {
                                     let body: serde_json::Value = r.json().await.unwrap();
                                     accepted.push(body["id"].as_str().unwrap().to_owned());
+                                    accepted_so_far
+                                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                     break;
                                 }
                                 _ => {
@@ -401,6 +414,7 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
                             }
                         }
                     }
+                    (accepted, refused)
                 })
             });
             let mut accepted = HashSet::new();
@@ -423,13 +437,27 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
     })
     .await
     .unwrap();
+    // The broker is back; the source goes on until 300 more posts are accepted.
+    let after_restart = accepted_so_far.load(std::sync::atomic::Ordering::SeqCst) + 300;
+    eventually(
+        "300 more posts accepted after the restart",
+        WAIT,
+        || async {
+            (accepted_so_far.load(std::sync::atomic::Ordering::SeqCst) >= after_restart)
+                .then_some(())
+        },
+    )
+    .await;
+    stop_posting.cancel();
     let (accepted, refused) = load.await.unwrap();
+    let posted = next.load(std::sync::atomic::Ordering::SeqCst);
 
     assert!(
         refused > 0,
         "the restart happened during the load (some posts were refused)"
     );
-    assert_eq!(accepted.len(), 3000, "every post was accepted in the end");
+    // A worker takes a number only to post it, and posts it until it is accepted.
+    assert_eq!(accepted.len(), posted, "every post was accepted in the end");
     eventually(
         "every accepted message delivered",
         Duration::from_secs(90),
@@ -442,7 +470,7 @@ async fn every_accepted_message_is_delivered_when_rabbitmq_restarts_during_a_loa
     for r in sink.received() {
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
         assert!(
-            body["n"].as_u64().is_some_and(|n| n < 3000),
+            body["n"].as_u64().is_some_and(|n| n < posted as u64),
             "unexpected delivery: {body}"
         );
     }

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use hiway_config::Config;
 use hiway_proto::audit::AuditBatch;
 use hiway_runtime::Broker;
-use hiway_runtime::amqp::close_channel;
+use hiway_runtime::amqp::{close_channel, settle};
 use hiway_runtime::consume::Reconnect;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -187,9 +187,7 @@ impl Writer {
                                 }
                                 Err(error) => {
                                     tracing::warn!(%error, "an audit message is not a valid batch; dead-lettering it");
-                                    let _ = delivery
-                                        .nack(BasicNackOptions { requeue: false, ..Default::default() })
-                                        .await;
+                                    settle(delivery.nack(BasicNackOptions { requeue: false, ..Default::default() })).await?;
                                 }
                             }
                         }
@@ -208,7 +206,7 @@ impl Writer {
                 }
                 // One ack for the whole batch: every delivery up to this one on this channel
                 // was either part of it or already rejected.
-                last.ack(BasicAckOptions { multiple: true }).await?;
+                settle(last.ack(BasicAckOptions { multiple: true })).await?;
             }
             if stopping {
                 return Ok(());
@@ -274,7 +272,7 @@ impl Writer {
                     }
                 }
             }
-            delivery.ack(BasicAckOptions::default()).await?;
+            settle(delivery.ack(BasicAckOptions::default())).await?;
         }
     }
 }

@@ -83,11 +83,9 @@ impl Broker {
     pub async fn connect(&self, name: &str) -> Result<Connection, lapin::Error> {
         match tokio::time::timeout(self.connect_timeout, self.connect_unbounded(name)).await {
             Ok(result) => result,
-            Err(_) => Err(lapin::Error::from(lapin::ErrorKind::IOError(
-                std::sync::Arc::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no AMQP handshake within {:?}", self.connect_timeout),
-                )),
+            Err(_) => Err(timed_out(format!(
+                "no AMQP handshake within {:?}",
+                self.connect_timeout
             ))),
         }
     }
@@ -267,16 +265,15 @@ impl Publisher {
         use lapin::options::{BasicAckOptions, BasicNackOptions};
         match self.publish_dead(&delivery, reason, service).await {
             Ok(()) => {
-                let _ = delivery.ack(BasicAckOptions::default()).await;
+                let _ = settle(delivery.ack(BasicAckOptions::default())).await;
             }
             Err(error) => {
                 tracing::warn!(%error, "could not publish the dead letter; rejecting to the queue's dead-letter exchange");
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: false,
-                        ..Default::default()
-                    })
-                    .await;
+                let _ = settle(delivery.nack(BasicNackOptions {
+                    requeue: false,
+                    ..Default::default()
+                }))
+                .await;
             }
         }
     }
@@ -341,5 +338,65 @@ pub async fn close_channel(channel: &Channel) {
 pub async fn close_connection(connection: &Connection, code: u16, reason: &str) {
     if connection.status().connected() {
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(code, reason.into())).await;
+    }
+}
+
+/// How long an ack, nack or reject may take. lapin answers one as soon as its frame is handed
+/// to the connection, so a healthy connection answers within milliseconds; but one issued just
+/// as the connection dies may never be answered at all (seen in the broker-restart test: the
+/// audit service waited on its batch ack for ever and never reconnected).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Awaits an ack, nack or reject of a delivery (`delivery.ack(..)` and the like), for at most
+/// [`SETTLE_TIMEOUT`]. A timeout is an error like a failed connection: the caller ends its
+/// session and reconnects, and the broker redelivers whatever was not settled.
+pub async fn settle(op: impl Future<Output = lapin::Result<bool>>) -> Result<(), lapin::Error> {
+    settle_within(SETTLE_TIMEOUT, op).await
+}
+
+async fn settle_within(
+    limit: Duration,
+    op: impl Future<Output = lapin::Result<bool>>,
+) -> Result<(), lapin::Error> {
+    match tokio::time::timeout(limit, op).await {
+        // `Ok(false)`: the channel had already failed, so the broker redelivers the message;
+        // the consumer's stream reports that failure next.
+        Ok(result) => result.map(|_| ()),
+        Err(_) => Err(timed_out(format!(
+            "the broker did not take an acknowledgement within {limit:?}"
+        ))),
+    }
+}
+
+/// A lapin error for a wait on the broker that ran out of time.
+fn timed_out(what: String) -> lapin::Error {
+    lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+        std::io::Error::new(std::io::ErrorKind::TimedOut, what),
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_acknowledgement_that_is_never_answered_ends_in_an_error_naming_the_wait() {
+        let error = settle_within(Duration::from_millis(20), std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("did not take an acknowledgement within 20ms"),
+            "{error}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_on_a_channel_already_failed_is_left_to_the_redelivery() {
+        // lapin answers Ok(false) when the channel died first: nothing to wait for.
+        settle_within(Duration::from_millis(20), async { Ok(false) })
+            .await
+            .unwrap();
     }
 }

@@ -490,18 +490,19 @@ async fn carry_out(
 async fn settle(delivery: &Delivery, durable: Result<(), hiway_runtime::PublishError>) {
     match durable {
         Ok(()) => {
-            if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            if let Err(error) =
+                hiway_runtime::amqp::settle(delivery.ack(BasicAckOptions::default())).await
+            {
                 tracing::warn!(%error, "ack failed; the message will be routed again");
             }
         }
         Err(error) => {
             tracing::warn!(%error, "publishing failed; returning the message to its queue");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            let _ = hiway_runtime::amqp::settle(delivery.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            }))
+            .await;
         }
     }
 }
