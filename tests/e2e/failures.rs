@@ -573,6 +573,57 @@ circuit = { failures = 3, cool_down = "700ms" }"#,
 }
 
 #[tokio::test]
+async fn messages_held_while_a_circuit_opens_and_closes_again_and_again_do_not_use_up_their_delivery_limit()
+ {
+    let sink = Receiver::start().await;
+    // Down, up for the probe, down again…: the circuit opens three times, and each time the
+    // messages held waiting for the one request slot go back to the queue untried.
+    sink.respond_with(&[
+        (503, "down"),
+        (200, "ok"),
+        (503, "down"),
+        (200, "ok"),
+        (503, "down"),
+        (200, "ok"),
+    ]);
+    let app = TestHiway::spawn_with_broker_settings(
+        "delivery_limit = 2",
+        &one_route_with(
+            &sink,
+            r#"concurrency = 1
+prefetch = 30
+retry = { schedule = ["100ms", "100ms", "100ms", "100ms"], jitter = 0.0 }
+circuit = { failures = 1, cool_down = "100ms" }"#,
+        ),
+        hiway_tests::Services::ALL,
+    )
+    .await;
+    // The first request takes a second, so that every message is held when it fails.
+    sink.set_delay(Duration::from_secs(1));
+    let mut ids = HashSet::new();
+    for n in 0..30 {
+        ids.insert(app.post_json("forms", &json!({ "n": n })).await.to_string());
+    }
+    sink.set_delay(Duration::ZERO);
+
+    eventually("every message delivered", WAIT, || async {
+        ids.is_subset(&ids_at(&sink)).then_some(())
+    })
+    .await;
+    let opened: (i64,) =
+        sqlx::query_as("select count(*) from audit_events where kind = 'circuit_opened'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(opened.0, 3, "the circuit opened three times");
+    assert!(
+        app.dead_letters("dead").await.is_empty(),
+        "held three times, returned three times, still not poison (limit 2)"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
 async fn when_postgresql_is_stopped_during_a_load_the_trail_and_dead_letters_catch_up_when_it_returns()
  {
     let pg = tokio::task::spawn_blocking(|| {

@@ -162,8 +162,8 @@ async fn serve(
         // Closed: consume. The round ends on stop or when the breaker trips.
         let round = stop.child_token();
         breaker.arm(round.clone());
-        // Prefetch covers the requests in flight plus a small buffer, so the next one starts
-        // as soon as a slot frees; more would only sit unacked, redelivered after a crash.
+        // Prefetch covers the requests in flight and the messages whose outcome awaits its
+        // confirm, so the next request starts as soon as a slot frees.
         let (channel, consumer) = broker
             .consumer(conn, &queue, "hiway-sender", destination.prefetch)
             .await?;
@@ -179,8 +179,9 @@ async fn serve(
             |delivery| deliver(destination, out, &breaker, Some(&round), delivery),
         )
         .await?;
-        // Closing the channel returns the messages it was holding, unstarted, to the queue:
-        // they wait there rather than fail against a destination that is down.
+        // The messages held but not started are back in the queue ([`give_back`]): they wait
+        // there rather than fail against a destination that is down. Closing the channel
+        // returns any that could not be put back.
         close_channel(&channel).await;
         if stop.is_cancelled() {
             return Ok(());
@@ -239,8 +240,7 @@ struct Settings {
 /// either way it is up, which is what a circuit probe asks.
 ///
 /// A message still waiting for a request slot when `round` ends (the circuit opened, or the
-/// sender is stopping) is not sent: it is left unacked, and goes back to its queue untried
-/// when the round's channel closes.
+/// sender is stopping) is not sent: it goes back to its queue untried ([`give_back`]).
 async fn deliver(
     destination: &Destination,
     out: &Out<'_>,
@@ -284,7 +284,10 @@ async fn deliver(
         let slot = match round {
             Some(round) => tokio::select! {
                 biased;
-                _ = round.cancelled() => return false,
+                _ = round.cancelled() => {
+                    give_back(out, destination, &acker, &body, properties).await;
+                    return false;
+                }
                 slot = destination.requests.acquire() => slot,
             },
             None => destination.requests.acquire().await,
@@ -397,6 +400,41 @@ async fn deliver(
     .await
 }
 
+/// Puts a message that was held but never sent back into its destination's queue, as a new
+/// copy, and acks the one in hand.
+///
+/// Why not simply leave it unacked for the channel's close to return: the broker counts every
+/// return toward the queue's `delivery_limit` (which is there to catch poison that crashes
+/// its worker), so with prefetch in the hundreds, a destination whose circuit opened a few
+/// times would have messages that never reached it dead-lettered as poison. The copy starts
+/// with a clean count. If it cannot be published, the message is left unacked and the close
+/// returns it after all.
+async fn give_back(
+    out: &Out<'_>,
+    destination: &Destination,
+    acker: &lapin::Acker,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    let exchange = out.names.deliver_exchange();
+    match out
+        .publisher
+        .publish(&exchange, destination.name.as_str(), body, properties)
+        .await
+    {
+        Ok(()) => {
+            if let Err(error) =
+                hiway_runtime::amqp::settle(acker.ack(BasicAckOptions::default())).await
+            {
+                tracing::warn!(%error, "ack failed after putting a message back; it will be sent twice");
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not put a held message back; the channel's close returns it");
+        }
+    }
+}
+
 fn attempted(
     envelope: &Envelope,
     destination: &Destination,
@@ -425,18 +463,19 @@ fn attempted(
 async fn settle(acker: &lapin::Acker, durable: Result<(), hiway_runtime::PublishError>) {
     match durable {
         Ok(()) => {
-            if let Err(error) = acker.ack(BasicAckOptions::default()).await {
+            if let Err(error) =
+                hiway_runtime::amqp::settle(acker.ack(BasicAckOptions::default())).await
+            {
                 tracing::warn!(%error, "ack failed; the message will be delivered again");
             }
         }
         Err(error) => {
             tracing::warn!(%error, "could not record the outcome; the message will be delivered again");
-            let _ = acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            let _ = hiway_runtime::amqp::settle(acker.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            }))
+            .await;
         }
     }
 }
