@@ -19,7 +19,9 @@ fn event() -> AuditEvent {
     )
 }
 
-async fn broker() -> Broker {
+/// A broker handle with a name prefix of its own (declared on `connect`); shared by the
+/// tests of the runtime's building blocks.
+pub(crate) async fn broker() -> Broker {
     let suffix = uuid::Uuid::now_v7().simple().to_string();
     let config = Config::from_toml(&format!(
         "[broker]\nurl = \"{}\"\nprefix = \"t{}\"\npublish_timeout = \"5s\"\n",
@@ -90,7 +92,7 @@ async fn a_batch_that_cannot_be_published_is_an_error_for_each_of_its_callers() 
 }
 
 /// Deletes what `Broker::connect` declared under the test's prefix.
-async fn teardown(broker: &Broker, connection: &lapin::Connection) {
+pub(crate) async fn teardown(broker: &Broker, connection: &lapin::Connection) {
     let channel = connection.create_channel().await.unwrap();
     let names = broker.names();
     // Not the on-dead queue: only a transformer with on-dead routes declares it, and deleting

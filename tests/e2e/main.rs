@@ -4,6 +4,7 @@
 // In tests a panic is the failure report, helpers included.
 #![allow(clippy::unwrap_used)]
 
+mod acks;
 mod audit_batch;
 mod bus;
 mod cli;

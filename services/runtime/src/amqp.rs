@@ -261,19 +261,18 @@ impl Publisher {
     /// Settles a delivery that can never be processed (poison): dead-letters it with the
     /// reason and acks it; if that publish fails, rejects it without requeue so the queue's own
     /// dead-letter settings take it. Either way it leaves the queue.
-    pub async fn settle_poison(&self, delivery: Delivery, reason: &str, service: &str) {
-        use lapin::options::{BasicAckOptions, BasicNackOptions};
+    pub async fn settle_poison(
+        &self,
+        delivery: Delivery,
+        reason: &str,
+        service: &str,
+        acks: &crate::Acks,
+    ) {
         match self.publish_dead(&delivery, reason, service).await {
-            Ok(()) => {
-                let _ = settle(delivery.ack(BasicAckOptions::default())).await;
-            }
+            Ok(()) => acks.ack(delivery.delivery_tag),
             Err(error) => {
                 tracing::warn!(%error, "could not publish the dead letter; rejecting to the queue's dead-letter exchange");
-                let _ = settle(delivery.nack(BasicNackOptions {
-                    requeue: false,
-                    ..Default::default()
-                }))
-                .await;
+                acks.nack(delivery.delivery_tag, false);
             }
         }
     }

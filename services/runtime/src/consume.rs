@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use lapin::message::Delivery;
-use lapin::{Connection, Consumer};
+use lapin::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
 
-use crate::Broker;
+use crate::{Acks, Broker};
 
 /// Hands out broker connections to a worker until `stop`: first the one `build` made, then a
 /// new one each time a session on the previous one fails.
@@ -78,10 +78,14 @@ impl<'a> Reconnect<'a> {
 }
 
 /// Hands each delivery of `consumer` to `handle`, up to `concurrency` at once, until `stop`.
+/// Each handler reports its delivery's verdict to the [`Acks`] it is given, which groups the
+/// acks of `channel` (the consumer's channel).
 ///
-/// On stop it takes no new delivery, lets the ones in hand finish (each acks or nacks itself)
-/// for at most `drain`, then returns `Ok`. A broker error ends it with that error.
+/// On stop it takes no new delivery, lets the ones in hand finish (each reports its verdict)
+/// for at most `drain`, sends the acks reported, then returns `Ok`. A broker error ends it
+/// with that error.
 pub async fn consume_concurrently<H, Fut>(
+    channel: &Channel,
     consumer: Consumer,
     concurrency: usize,
     stop: &CancellationToken,
@@ -89,23 +93,26 @@ pub async fn consume_concurrently<H, Fut>(
     handle: H,
 ) -> Result<(), lapin::Error>
 where
-    H: Fn(Delivery) -> Fut,
+    H: Fn(Delivery, Acks) -> Fut,
     Fut: Future,
 {
+    let (acks, ack_task) = crate::acks::start(channel);
     let work = consumer
         .take_until(stop.cancelled())
         .try_for_each_concurrent(concurrency, |delivery| {
-            let fut = handle(delivery);
+            let fut = handle(delivery, acks.clone());
             async move {
                 fut.await;
                 Ok(())
             }
         });
-    tokio::select! {
+    let ended = tokio::select! {
         result = work => result,
         _ = async { stop.cancelled().await; tokio::time::sleep(drain).await } => {
             tracing::warn!(?drain, "drain deadline passed; unfinished deliveries will be redelivered");
             Ok(())
         }
-    }
+    };
+    ack_task.finish().await;
+    ended
 }

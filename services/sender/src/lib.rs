@@ -34,10 +34,10 @@ use hiway_proto::audit::{AuditEvent, AuditKind};
 use hiway_proto::{Envelope, Names};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
-use hiway_runtime::{AuditBatcher, Broker, Publisher};
+use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions};
+use lapin::options::BasicGetOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -172,11 +172,12 @@ async fn serve(
         // them talk to the destination while the others wait for a slot or for their outcome
         // to be confirmed.
         consume_concurrently(
+            &channel,
             consumer,
             usize::from(destination.prefetch),
             &round,
             drain,
-            |delivery| deliver(destination, out, &breaker, Some(&round), delivery),
+            |delivery, acks| deliver(destination, out, &breaker, Some(&round), delivery, acks),
         )
         .await?;
         // The messages held but not started are back in the queue ([`give_back`]): they wait
@@ -206,7 +207,9 @@ async fn serve(
             let id = Envelope::from_properties(&message.delivery.properties)
                 .ok()
                 .map(|e| e.id);
-            let answered = deliver(destination, out, &breaker, None, message.delivery).await;
+            let (acks, ack_task) = hiway_runtime::acks::start(&probe_channel);
+            let answered = deliver(destination, out, &breaker, None, message.delivery, acks).await;
+            ack_task.finish().await;
             close_channel(&probe_channel).await;
             if answered {
                 tracing::info!(destination = %destination.name, "probe answered: circuit closed");
@@ -247,6 +250,7 @@ async fn deliver(
     breaker: &Breaker,
     round: Option<&CancellationToken>,
     delivery: Delivery,
+    acks: Acks,
 ) -> bool {
     let Out {
         publisher,
@@ -258,7 +262,7 @@ async fn deliver(
         Err(error) => {
             tracing::warn!(%error, destination = %destination.name, "dead-lettering a message whose envelope cannot be read");
             publisher
-                .settle_poison(delivery, &error.to_string(), SERVICE)
+                .settle_poison(delivery, &error.to_string(), SERVICE, &acks)
                 .await;
             return false;
         }
@@ -274,7 +278,7 @@ async fn deliver(
     async {
         let Delivery {
             data,
-            acker,
+            delivery_tag,
             properties,
             routing_key,
             ..
@@ -285,7 +289,7 @@ async fn deliver(
             Some(round) => tokio::select! {
                 biased;
                 _ = round.cancelled() => {
-                    give_back(out, destination, &acker, &body, properties).await;
+                    give_back(out, destination, &acks, delivery_tag, &body, properties).await;
                     return false;
                 }
                 slot = destination.requests.acquire() => slot,
@@ -393,7 +397,7 @@ async fn deliver(
                 .map(|_| ())
             }
         };
-        settle(&acker, durable).await;
+        settle(&acks, delivery_tag, durable);
         answered
     }
     .instrument(span)
@@ -412,7 +416,8 @@ async fn deliver(
 async fn give_back(
     out: &Out<'_>,
     destination: &Destination,
-    acker: &lapin::Acker,
+    acks: &Acks,
+    delivery_tag: u64,
     body: &[u8],
     properties: lapin::BasicProperties,
 ) {
@@ -422,13 +427,7 @@ async fn give_back(
         .publish(&exchange, destination.name.as_str(), body, properties)
         .await
     {
-        Ok(()) => {
-            if let Err(error) =
-                hiway_runtime::amqp::settle(acker.ack(BasicAckOptions::default())).await
-            {
-                tracing::warn!(%error, "ack failed after putting a message back; it will be sent twice");
-            }
-        }
+        Ok(()) => acks.ack(delivery_tag),
         Err(error) => {
             tracing::warn!(%error, "could not put a held message back; the channel's close returns it");
         }
@@ -460,22 +459,12 @@ fn attempted(
 }
 
 /// Acks when the outcome is durable; otherwise returns the message to its queue.
-async fn settle(acker: &lapin::Acker, durable: Result<(), hiway_runtime::PublishError>) {
+fn settle(acks: &Acks, delivery_tag: u64, durable: Result<(), hiway_runtime::PublishError>) {
     match durable {
-        Ok(()) => {
-            if let Err(error) =
-                hiway_runtime::amqp::settle(acker.ack(BasicAckOptions::default())).await
-            {
-                tracing::warn!(%error, "ack failed; the message will be delivered again");
-            }
-        }
+        Ok(()) => acks.ack(delivery_tag),
         Err(error) => {
             tracing::warn!(%error, "could not record the outcome; the message will be delivered again");
-            let _ = hiway_runtime::amqp::settle(acker.nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            }))
-            .await;
+            acks.nack(delivery_tag, true);
         }
     }
 }

@@ -28,11 +28,10 @@ use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead};
 use hiway_proto::{Envelope, RouteName, headers};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
-use hiway_runtime::{AuditBatcher, Broker, Publisher};
+use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
 use hiway_transform::{Applied, Input, Meta, Transforms};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -158,11 +157,12 @@ async fn session(
         .await?;
     tracing::info!(queue = %names.ingress_queue(), prefetch, "transformer consuming");
     let ingress = consume_concurrently(
+        &channel,
         consumer,
         usize::from(prefetch),
         stop,
         settings.drain,
-        |delivery| route(&out, router, delivery),
+        |delivery, acks| route(&out, router, delivery, acks),
     );
     let ended = if router.routes.has_on_dead() {
         let declare = conn.create_channel().await?;
@@ -177,11 +177,12 @@ async fn session(
             )
             .await?;
         let on_dead = consume_concurrently(
+            &dead_channel,
             dead_consumer,
             usize::from(prefetch),
             stop,
             settings.drain,
-            |delivery| route_dead(&out, router, delivery),
+            |delivery, acks| route_dead(&out, router, delivery, acks),
         );
         let ended = tokio::try_join!(ingress, on_dead).map(|_| ());
         close_channel(&dead_channel).await;
@@ -207,14 +208,14 @@ struct Out<'a> {
 }
 
 /// Routes one message from the ingress queue and settles it.
-async fn route(out: &Out<'_>, router: &Router, delivery: Delivery) {
+async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, "dead-lettering a message whose envelope cannot be read");
             return out
                 .publisher
-                .settle_poison(delivery, &error.to_string(), SERVICE)
+                .settle_poison(delivery, &error.to_string(), SERVICE, &acks)
                 .await;
         }
     };
@@ -244,27 +245,27 @@ async fn route(out: &Out<'_>, router: &Router, delivery: Delivery) {
         let body = &delivery.data;
         let plan = plan(router, &envelope, &entries, || hiway_transform::parse(body));
         let durable = carry_out(out, &envelope, body, plan, Some(received)).await;
-        settle(&delivery, durable).await;
+        settle(&acks, &delivery, durable);
     }
     .instrument(span)
     .await
 }
 
 /// Runs the on-dead routes on one dead letter and settles it.
-async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery) {
+async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
     // Only dead copies on their way to a destination concern on-dead routes; a dead letter
     // that is not one (poison, a failed transform, or a copy an on-dead route made) is taken
     // off this queue and left to the dead-letter store.
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) if !e.from_dead && e.destination.is_some() => e,
-        _ => return settle(&delivery, Ok(())).await,
+        _ => return settle(&acks, &delivery, Ok(())),
     };
     let Some(destination) = envelope.destination.clone() else {
-        return settle(&delivery, Ok(())).await;
+        return settle(&acks, &delivery, Ok(()));
     };
     let entries: Vec<&Entry> = router.routes.on_dead_of(&destination).iter().collect();
     if entries.is_empty() {
-        return settle(&delivery, Ok(())).await;
+        return settle(&acks, &delivery, Ok(()));
     }
     let span = tracing::info_span!("transformer.on_dead", message_id = %envelope.id, destination = %destination);
     async {
@@ -300,7 +301,7 @@ async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery) {
         source.destination = None;
         let plan = plan(router, &source, &entries, input);
         let durable = carry_out(out, &source, body, plan, None).await;
-        settle(&delivery, durable).await;
+        settle(&acks, &delivery, durable);
     }
     .instrument(span)
     .await
@@ -487,22 +488,12 @@ async fn carry_out(
 /// Acks when everything the message became is durable; otherwise returns it to its queue to
 /// be routed again later (copies already confirmed will be sent twice; destinations drop
 /// duplicates by idempotency key).
-async fn settle(delivery: &Delivery, durable: Result<(), hiway_runtime::PublishError>) {
+fn settle(acks: &Acks, delivery: &Delivery, durable: Result<(), hiway_runtime::PublishError>) {
     match durable {
-        Ok(()) => {
-            if let Err(error) =
-                hiway_runtime::amqp::settle(delivery.ack(BasicAckOptions::default())).await
-            {
-                tracing::warn!(%error, "ack failed; the message will be routed again");
-            }
-        }
+        Ok(()) => acks.ack(delivery.delivery_tag),
         Err(error) => {
             tracing::warn!(%error, "publishing failed; returning the message to its queue");
-            let _ = hiway_runtime::amqp::settle(delivery.nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            }))
-            .await;
+            acks.nack(delivery.delivery_tag, true);
         }
     }
 }
