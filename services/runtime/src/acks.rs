@@ -101,11 +101,27 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>) {
         if finishing {
             frames.extend(book.flush());
         }
-        for frame in frames {
-            if !broken && let Err(error) = send(&channel, frame).await {
-                tracing::warn!(%error, "ack failed; the broker will deliver the channel's unacked messages again");
-                broken = true;
+        if broken {
+            continue;
+        }
+        // Nacks first, then the acks, each group all at once: awaiting frame by frame would
+        // cost a round trip to lapin's I/O thread per frame. A nack must reach the broker
+        // before a multiple-ack that passes its tag; the acks of one round cover disjoint
+        // tags, so their order does not matter.
+        let (nacks, acks): (Vec<Frame>, Vec<Frame>) = frames
+            .into_iter()
+            .partition(|f| matches!(f, Frame::Nack { .. }));
+        let mut error = None;
+        for group in [nacks, acks] {
+            let sent = futures_util::future::join_all(group.into_iter().map(|f| send(&channel, f)));
+            error = sent.await.into_iter().find_map(Result::err);
+            if error.is_some() {
+                break;
             }
+        }
+        if let Some(error) = error {
+            tracing::warn!(%error, "ack failed; the broker will deliver the channel's unacked messages again");
+            broken = true;
         }
     }
 }
