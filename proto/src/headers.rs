@@ -54,3 +54,46 @@ pub const ATTEMPTS: &str = "x-hiway-attempts";
 /// When a hiway service dead-lettered the message, in microseconds since the Unix epoch: the
 /// time it died, which may be well before the audit service could store it.
 pub const DEAD_AT: &str = "x-hiway-dead-at";
+
+/// A header's value as text, if it is a string (long or short), with invalid UTF-8 replaced.
+/// For the readers that must get on with a damaged message (the dead-letter store, on-dead
+/// routes) rather than refuse it, as the envelope's strict reading does.
+pub fn text_lossy(properties: &lapin::BasicProperties, key: &str) -> Option<String> {
+    use lapin::types::AMQPValue;
+    match properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lapin::BasicProperties;
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+
+    use super::text_lossy;
+
+    fn with(value: AMQPValue) -> BasicProperties {
+        let mut h = FieldTable::default();
+        h.insert("k".into(), value);
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn a_header_reads_as_text_when_it_is_a_string_of_either_kind_even_a_damaged_one() {
+        let long = with(AMQPValue::LongString(LongString::from(b"gave up".to_vec())));
+        assert_eq!(text_lossy(&long, "k").as_deref(), Some("gave up"));
+        let short = with(AMQPValue::ShortString(ShortString::from("sender")));
+        assert_eq!(text_lossy(&short, "k").as_deref(), Some("sender"));
+        let damaged = with(AMQPValue::LongString(LongString::from(b"a\xffb".to_vec())));
+        assert_eq!(text_lossy(&damaged, "k").as_deref(), Some("a\u{fffd}b"));
+    }
+
+    #[test]
+    fn a_header_that_is_missing_or_not_a_string_has_no_text() {
+        assert_eq!(text_lossy(&with(AMQPValue::LongInt(3)), "k"), None);
+        assert_eq!(text_lossy(&with(AMQPValue::LongInt(3)), "other"), None);
+        assert_eq!(text_lossy(&BasicProperties::default(), "k"), None);
+    }
+}

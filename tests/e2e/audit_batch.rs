@@ -97,25 +97,21 @@ pub(crate) async fn teardown(broker: &Broker, connection: &lapin::Connection) {
     let names = broker.names();
     // Not the on-dead queue: only a transformer with on-dead routes declares it, and deleting
     // a queue that does not exist closes the channel.
-    for queue in [
-        names.ingress_queue(),
-        names.audit_queue(),
-        names.dead_queue(),
-    ] {
-        let _ = channel
-            .queue_delete(queue.as_str().into(), Default::default())
-            .await;
-    }
-    for exchange in [
-        names.ingress_exchange(),
-        names.deliver_exchange(),
-        names.retry_exchange(),
-        names.dead_exchange(),
-        names.audit_exchange(),
-    ] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), Default::default())
-            .await;
-    }
+    hiway_tests::delete_queues_and_exchanges(
+        &channel,
+        &[
+            names.ingress_queue(),
+            names.audit_queue(),
+            names.dead_queue(),
+        ],
+        &[
+            names.ingress_exchange(),
+            names.deliver_exchange(),
+            names.retry_exchange(),
+            names.dead_exchange(),
+            names.audit_exchange(),
+        ],
+    )
+    .await;
     hiway_runtime::amqp::close_connection(connection, 200, "done").await;
 }

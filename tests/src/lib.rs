@@ -544,6 +544,24 @@ api_key_sha256 = "{}"
     }
 }
 
+/// Deletes a test's queues and exchanges from the shared broker, ignoring any already gone.
+pub async fn delete_queues_and_exchanges(
+    channel: &lapin::Channel,
+    queues: &[String],
+    exchanges: &[String],
+) {
+    for q in queues {
+        let _ = channel
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    for e in exchanges {
+        let _ = channel
+            .exchange_delete(e.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+}
+
 /// What a test leaves on the shared broker and database server.
 struct Leftovers {
     amqp_url: String,
@@ -585,16 +603,7 @@ impl Leftovers {
         if let Ok(connection) = lapin::Connection::connect(&self.amqp_url, Default::default()).await
             && let Ok(channel) = connection.create_channel().await
         {
-            for q in self.queues {
-                let _ = channel
-                    .queue_delete(q.into(), QueueDeleteOptions::default())
-                    .await;
-            }
-            for e in self.exchanges {
-                let _ = channel
-                    .exchange_delete(e.into(), ExchangeDeleteOptions::default())
-                    .await;
-            }
+            delete_queues_and_exchanges(&channel, &self.queues, &self.exchanges).await;
             let _ = channel.close(200, "".into()).await;
             let _ = connection.close(200, "".into()).await;
         }

@@ -14,11 +14,7 @@ use crate::store::DeadLetter;
 pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
     let empty = FieldTable::default();
     let h = delivery.properties.headers().as_ref().unwrap_or(&empty);
-    let text = |key: &str| match h.inner().get(key) {
-        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
-        _ => None,
-    };
+    let text = |key: &str| headers::text_lossy(&delivery.properties, key);
     let (reason, dead_by) = match text(headers::DEAD_REASON) {
         Some(reason) => (reason, text(headers::DEAD_BY)),
         // Dead-lettered by the broker itself (a reject without requeue, or a queue limit):

@@ -269,18 +269,8 @@ async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Ac
     }
     let span = tracing::info_span!("transformer.on_dead", message_id = %envelope.id, destination = %destination);
     async {
-        let reason = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(headers::DEAD_REASON).cloned())
-            .and_then(|v| match v {
-                lapin::types::AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                _ => None,
-            })
-            .unwrap_or_default();
+        let reason =
+            headers::text_lossy(&delivery.properties, headers::DEAD_REASON).unwrap_or_default();
         let body = &delivery.data;
         let input = || {
             // The failed message's own body, as JSON when it is JSON, else as text.
