@@ -9,16 +9,18 @@
 //! A multiple-ack may only cover deliveries whose outcome is durable, and deliveries finish
 //! out of order (they are handled concurrently). So the handlers *report* each verdict here
 //! ([`Acks::ack`], [`Acks::nack`]) and one task per channel keeps the book: it sends one
-//! multiple-ack for the longest run of reported deliveries from the oldest unreported one,
-//! nacks at once, and acks alone a delivery finished ahead of a gap that is still open one
-//! round later (so one slow delivery never holds the others' acks, and with them the
-//! prefetch window). Like the audit batcher it has no timer: it takes whatever was reported
-//! while its previous frames were being sent, so groups grow with the load by themselves.
+//! multiple-ack for the longest run of reported deliveries from the oldest unreported one, and
+//! nacks at once. Deliveries finished ahead of a gap (an older one still in hand) wait for it
+//! to close, but not for long: when half the prefetch window is waiting, or after
+//! [`HOLD`], they are acked one by one, so a slow delivery never holds the others' acks, and
+//! with them the window. Each round takes whatever was reported while the previous frames
+//! were being sent, so groups grow with the load by themselves.
 //!
 //! Every delivery of the channel must be reported exactly once, or it stays unacked until
 //! the channel closes (then the broker redelivers it: never lost, only late).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use lapin::Channel;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
@@ -49,10 +51,16 @@ pub struct AckTask {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts acking for `channel`, whose delivery tags start at 1 (a fresh channel).
-pub fn start(channel: &Channel) -> (Acks, AckTask) {
+/// The longest a finished delivery waits behind an older one still in hand before it is
+/// acked on its own. Short enough that a crash meanwhile redelivers little; long enough for
+/// the usual gap (a confirm that arrives a few milliseconds later) to close.
+pub const HOLD: Duration = Duration::from_millis(50);
+
+/// Starts acking for `channel`, whose delivery tags start at 1 (a fresh channel) and whose
+/// prefetch is `window`.
+pub fn start(channel: &Channel, window: u16) -> (Acks, AckTask) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(run(channel.clone(), rx));
+    let task = tokio::spawn(run(channel.clone(), rx, usize::from(window / 2).max(1)));
     (Acks { tx: tx.clone() }, AckTask { tx, task })
 }
 
@@ -79,28 +87,49 @@ impl AckTask {
     }
 }
 
-async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>) {
-    let mut book = Book::default();
+async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>, limit: usize) {
+    let mut book = Book::new(limit);
     // After a failed frame the channel is gone: its deliveries are being returned by the
     // broker, and every later frame would fail the same way.
     let mut broken = false;
     let mut finishing = false;
+    // Since when deliveries have been waiting ahead of a gap.
+    let mut waiting_since: Option<tokio::time::Instant> = None;
     while !finishing {
-        let Some(first) = rx.recv().await else { break };
-        let mut verdicts = Vec::new();
-        for report in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-            match report {
-                Report::Settled(tag, verdict) => verdicts.push((tag, verdict)),
-                Report::Finish => {
-                    finishing = true;
-                    break;
+        let first = match waiting_since {
+            Some(since) => tokio::select! {
+                report = rx.recv() => report,
+                _ = tokio::time::sleep_until(since + HOLD) => None,
+            },
+            None => rx.recv().await,
+        };
+        let mut frames = match first {
+            None if waiting_since.is_some() => book.flush(),
+            None => break,
+            Some(first) => {
+                let mut verdicts = Vec::new();
+                let reports =
+                    std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()));
+                for report in reports {
+                    match report {
+                        Report::Settled(tag, verdict) => verdicts.push((tag, verdict)),
+                        Report::Finish => {
+                            finishing = true;
+                            break;
+                        }
+                    }
                 }
+                book.round(verdicts)
             }
-        }
-        let mut frames = book.round(verdicts);
+        };
         if finishing {
             frames.extend(book.flush());
         }
+        waiting_since = match (book.waiting(), waiting_since) {
+            (0, _) => None,
+            (_, Some(since)) => Some(since),
+            (_, None) => Some(tokio::time::Instant::now()),
+        };
         if broken {
             continue;
         }
@@ -164,22 +193,20 @@ struct Book {
     next: u64,
     /// Reported tags above `next`: `true` while its ack is still to be sent.
     ahead: BTreeMap<u64, bool>,
-    /// Tags ahead of a gap, unacked, already there at the end of the previous round.
-    waited: BTreeSet<u64>,
-}
-
-impl Default for Book {
-    fn default() -> Self {
-        Self {
-            next: 1,
-            ahead: BTreeMap::new(),
-            waited: BTreeSet::new(),
-        }
-    }
+    /// How many acks may wait ahead of a gap before they are sent one by one.
+    limit: usize,
 }
 
 impl Book {
-    /// Takes the verdicts reported since the last round and says what to send, in order.
+    fn new(limit: usize) -> Self {
+        Self {
+            next: 1,
+            ahead: BTreeMap::new(),
+            limit,
+        }
+    }
+
+    /// Takes the verdicts reported since the last round and says what to send.
     fn round(&mut self, verdicts: Vec<(u64, Verdict)>) -> Vec<Frame> {
         let mut frames = Vec::new();
         for (tag, verdict) in verdicts {
@@ -188,8 +215,8 @@ impl Book {
                 continue;
             }
             match verdict {
-                // Nacks go out before the multiple-ack computed below, which then cannot
-                // cover them (a nacked delivery is no longer outstanding).
+                // Sent before any ack (see `run`), so the multiple-ack computed below cannot
+                // cover them: a nacked delivery is no longer outstanding.
                 Verdict::Nack { requeue } => {
                     frames.push(Frame::Nack { tag, requeue });
                     self.ahead.insert(tag, false);
@@ -206,7 +233,6 @@ impl Book {
             if unacked {
                 last_unacked = Some(self.next);
             }
-            self.waited.remove(&self.next);
             self.next += 1;
         }
         if let Some(tag) = last_unacked {
@@ -215,30 +241,20 @@ impl Book {
                 multiple: true,
             });
         }
-        // Ahead of a gap for a whole round already: ack alone rather than wait longer.
-        for tag in std::mem::take(&mut self.waited) {
-            if let Some(unacked) = self.ahead.get_mut(&tag)
-                && *unacked
-            {
-                *unacked = false;
-                frames.push(Frame::Ack {
-                    tag,
-                    multiple: false,
-                });
-            }
+        // Half the window waiting behind one slow delivery: stop waiting.
+        if self.waiting() >= self.limit {
+            frames.extend(self.flush());
         }
-        self.waited = self
-            .ahead
-            .iter()
-            .filter(|(_, unacked)| **unacked)
-            .map(|(tag, _)| *tag)
-            .collect();
         frames
     }
 
-    /// Everything still to ack, each alone (the gaps before them are still open).
+    /// How many acks wait ahead of a gap.
+    fn waiting(&self) -> usize {
+        self.ahead.values().filter(|unacked| **unacked).count()
+    }
+
+    /// Every ack waiting ahead of a gap, each alone (the gap is still open).
     fn flush(&mut self) -> Vec<Frame> {
-        self.waited.clear();
         self.ahead
             .iter_mut()
             .filter(|(_, unacked)| **unacked)
@@ -265,7 +281,7 @@ mod tests {
 
     #[test]
     fn deliveries_finished_in_order_are_acked_with_one_multiple_ack() {
-        let mut book = Book::default();
+        let mut book = Book::new(100);
         assert_eq!(
             book.round(acks(&[1, 2, 3, 4])),
             vec![Frame::Ack {
@@ -284,7 +300,7 @@ mod tests {
 
     #[test]
     fn a_delivery_still_in_hand_is_never_covered_by_a_multiple_ack() {
-        let mut book = Book::default();
+        let mut book = Book::new(100);
         // 2 is still being handled: only 1 may be acked now.
         assert_eq!(
             book.round(acks(&[1, 3, 4])),
@@ -304,10 +320,11 @@ mod tests {
     }
 
     #[test]
-    fn deliveries_ahead_of_a_gap_still_open_a_round_later_are_acked_alone() {
-        let mut book = Book::default();
+    fn deliveries_ahead_of_a_gap_wait_for_it_until_half_the_window_is_waiting() {
+        let mut book = Book::new(3);
         assert_eq!(book.round(acks(&[2, 3])), vec![]);
-        // 1 is slow; the next round acks 2 and 3 alone, and 4 waits its round.
+        assert_eq!(book.waiting(), 2);
+        // 1 is slow, and a third ack would wait behind it: all three are acked alone.
         assert_eq!(
             book.round(acks(&[4])),
             vec![
@@ -319,13 +336,18 @@ mod tests {
                     tag: 3,
                     multiple: false
                 },
+                Frame::Ack {
+                    tag: 4,
+                    multiple: false
+                },
             ]
         );
-        // 1 finally finishes: one multiple-ack up to 4 covers 1 and 4 (2 and 3 are acked).
+        assert_eq!(book.waiting(), 0);
+        // 1 finally finishes: its own multiple-ack covers nothing else (2–4 are acked).
         assert_eq!(
-            book.round(acks(&[1])),
+            book.round(acks(&[1, 5])),
             vec![Frame::Ack {
-                tag: 4,
+                tag: 5,
                 multiple: true
             }]
         );
@@ -333,7 +355,7 @@ mod tests {
 
     #[test]
     fn a_nack_is_sent_at_once_and_before_a_multiple_ack_that_passes_it() {
-        let mut book = Book::default();
+        let mut book = Book::new(100);
         assert_eq!(
             book.round(vec![
                 (1, ACK),
@@ -355,7 +377,7 @@ mod tests {
 
     #[test]
     fn a_run_ending_in_deliveries_already_settled_is_acked_up_to_its_last_unacked_one() {
-        let mut book = Book::default();
+        let mut book = Book::new(100);
         assert_eq!(
             book.round(vec![(2, ACK), (3, Verdict::Nack { requeue: false })]),
             vec![Frame::Nack {
@@ -382,22 +404,20 @@ mod tests {
 
     #[test]
     fn a_delivery_reported_twice_is_settled_once() {
-        let mut book = Book::default();
+        let mut book = Book::new(100);
         assert_eq!(book.round(acks(&[1])).len(), 1);
         assert_eq!(book.round(acks(&[1])), vec![]);
         assert_eq!(book.round(vec![(3, ACK)]), vec![]);
         assert_eq!(
             book.round(vec![(3, Verdict::Nack { requeue: true })]),
-            vec![Frame::Ack {
-                tag: 3,
-                multiple: false
-            }]
+            vec![]
         );
+        assert_eq!(book.waiting(), 1, "3 still waits to be acked, not nacked");
     }
 
     #[test]
-    fn finishing_acks_each_delivery_still_waiting_behind_a_gap_alone() {
-        let mut book = Book::default();
+    fn flushing_acks_each_delivery_still_waiting_behind_a_gap_alone() {
+        let mut book = Book::new(100);
         book.round(acks(&[2, 4]));
         assert_eq!(
             book.flush(),

@@ -96,7 +96,9 @@ where
     H: Fn(Delivery, Acks) -> Fut,
     Fut: Future,
 {
-    let (acks, ack_task) = crate::acks::start(channel);
+    // Every delivery of the window is in hand at once, so the window is `concurrency`.
+    let window = u16::try_from(concurrency).unwrap_or(u16::MAX);
+    let (acks, ack_task) = crate::acks::start(channel, window);
     let work = consumer
         .take_until(stop.cancelled())
         .try_for_each_concurrent(concurrency, |delivery| {

@@ -207,7 +207,7 @@ async fn serve(
             let id = Envelope::from_properties(&message.delivery.properties)
                 .ok()
                 .map(|e| e.id);
-            let (acks, ack_task) = hiway_runtime::acks::start(&probe_channel);
+            let (acks, ack_task) = hiway_runtime::acks::start(&probe_channel, 1);
             let answered = deliver(destination, out, &breaker, None, message.delivery, acks).await;
             ack_task.finish().await;
             close_channel(&probe_channel).await;
