@@ -27,7 +27,7 @@ use lapin::Connection;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 pub use error::IngressError;
 
@@ -148,7 +148,13 @@ fn router(state: AppState, config: &Config) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             config.ingress.request_timeout,
         ))
-        .layer(TraceLayer::new_for_http())
+        // Every refusal is logged once, at warn, with its reason, by `error::IngressError`; the
+        // trace layer's own line for a 5xx (at error, without the reason) would only repeat
+        // it, and louder. It stays available at debug.
+        .layer(
+            TraceLayer::new_for_http()
+                .on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
 }
 
 impl Ingress {
