@@ -4,8 +4,9 @@
 use std::future::Future;
 use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use lapin::message::Delivery;
+use lapin::options::BasicCancelOptions;
 use lapin::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
 
@@ -81,8 +82,9 @@ impl<'a> Reconnect<'a> {
 /// Each handler reports its delivery's verdict to the [`Acks`] it is given, which groups the
 /// acks of `channel` (the consumer's channel).
 ///
-/// On stop it takes no new delivery, lets the ones in hand finish (each reports its verdict)
-/// for at most `drain`, sends the acks reported, then returns `Ok`. A broker error ends it
+/// On stop it cancels the consumer (no new delivery comes), lets the deliveries in hand and
+/// those already received finish (each reports its verdict) for at most `drain`, sends the
+/// acks reported, then returns `Ok`. A broker error ends it
 /// with that error.
 pub async fn consume_concurrently<H, Fut>(
     channel: &Channel,
@@ -99,17 +101,31 @@ where
     // Every delivery of the window is in hand at once, so the window is `concurrency`.
     let window = u16::try_from(concurrency).unwrap_or(u16::MAX);
     let (acks, ack_task) = crate::acks::start(channel, window);
-    let work = consumer
-        .take_until(stop.cancelled())
-        .try_for_each_concurrent(concurrency, |delivery| {
-            let fut = handle(delivery, acks.clone());
-            async move {
-                fut.await;
-                Ok(())
-            }
-        });
+    let tag = consumer.tag();
+    let work = consumer.try_for_each_concurrent(concurrency, |delivery| {
+        let fut = handle(delivery, acks.clone());
+        async move {
+            fut.await;
+            Ok(())
+        }
+    });
+    // On stop the consumer is cancelled rather than dropped: the broker sends no more, and
+    // lapin ends the stream after the deliveries already received, which the handlers still
+    // get (the transformer routes them, the sender puts them back untried). Dropped, they
+    // would go back to the queue only when the channel closes, each counted as a delivery
+    // toward `delivery_limit`.
+    let cancel = async {
+        stop.cancelled().await;
+        let cancelled = channel.basic_cancel(tag, BasicCancelOptions::default());
+        if let Err(error) = crate::amqp::settle(async { cancelled.await.map(|()| true) }).await {
+            tracing::debug!(%error, "could not cancel the consumer; its channel is going anyway");
+        }
+        std::future::pending::<()>().await
+    };
     let ended = tokio::select! {
         result = work => result,
+        // `cancel` never ends: it only has to run while the handlers drain.
+        () = cancel => Ok(()),
         _ = async { stop.cancelled().await; tokio::time::sleep(drain).await } => {
             tracing::warn!(?drain, "drain deadline passed; unfinished deliveries will be redelivered");
             Ok(())
