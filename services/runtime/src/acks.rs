@@ -76,6 +76,18 @@ impl Acks {
             .tx
             .send(Report::Settled(delivery_tag, Verdict::Nack { requeue }));
     }
+
+    /// Acks the delivery when what it became is durable (`Ok`: every publish confirmed);
+    /// otherwise returns it to its queue to be handled again.
+    pub fn settle(&self, delivery_tag: u64, durable: Result<(), crate::PublishError>) {
+        match durable {
+            Ok(()) => self.ack(delivery_tag),
+            Err(error) => {
+                tracing::warn!(%error, "could not make the outcome durable; returning the message to its queue");
+                self.nack(delivery_tag, true);
+            }
+        }
+    }
 }
 
 impl AckTask {
@@ -173,7 +185,6 @@ async fn send(channel: &Channel, frame: Frame) -> Result<(), lapin::Error> {
                     .await
             }
         }
-        .map(|()| true)
     };
     crate::amqp::settle(sent).await
 }

@@ -346,20 +346,21 @@ pub async fn close_connection(connection: &Connection, code: u16, reason: &str) 
 /// audit service waited on its batch ack for ever and never reconnected).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Awaits an ack, nack or reject of a delivery (`delivery.ack(..)` and the like), for at most
-/// [`SETTLE_TIMEOUT`]. A timeout is an error like a failed connection: the caller ends its
-/// session and reconnects, and the broker redelivers whatever was not settled.
-pub async fn settle(op: impl Future<Output = lapin::Result<bool>>) -> Result<(), lapin::Error> {
+/// Awaits an ack, nack, reject or consumer cancel (`delivery.ack(..)`, `channel.basic_ack(..)`
+/// and the like), for at most [`SETTLE_TIMEOUT`]. A timeout is an error like a failed
+/// connection: the caller ends its session and reconnects, and the broker redelivers whatever
+/// was not settled.
+pub async fn settle<T>(op: impl Future<Output = lapin::Result<T>>) -> Result<(), lapin::Error> {
     settle_within(SETTLE_TIMEOUT, op).await
 }
 
-async fn settle_within(
+async fn settle_within<T>(
     limit: Duration,
-    op: impl Future<Output = lapin::Result<bool>>,
+    op: impl Future<Output = lapin::Result<T>>,
 ) -> Result<(), lapin::Error> {
     match tokio::time::timeout(limit, op).await {
-        // `Ok(false)`: the channel had already failed, so the broker redelivers the message;
-        // the consumer's stream reports that failure next.
+        // An acker's `Ok(false)` means the channel had already failed: the broker redelivers
+        // the message, and the consumer's stream reports that failure next.
         Ok(result) => result.map(|_| ()),
         Err(_) => Err(timed_out(format!(
             "the broker did not take an acknowledgement within {limit:?}"
@@ -380,9 +381,12 @@ mod tests {
 
     #[tokio::test]
     async fn an_acknowledgement_that_is_never_answered_ends_in_an_error_naming_the_wait() {
-        let error = settle_within(Duration::from_millis(20), std::future::pending())
-            .await
-            .unwrap_err();
+        let error = settle_within(
+            Duration::from_millis(20),
+            std::future::pending::<lapin::Result<()>>(),
+        )
+        .await
+        .unwrap_err();
         assert!(
             error
                 .to_string()

@@ -84,8 +84,7 @@ impl<'a> Reconnect<'a> {
 ///
 /// On stop it cancels the consumer (no new delivery comes), lets the deliveries in hand and
 /// those already received finish (each reports its verdict) for at most `drain`, sends the
-/// acks reported, then returns `Ok`. A broker error ends it
-/// with that error.
+/// acks reported, then returns `Ok`. A broker error ends it with that error.
 pub async fn consume_concurrently<H, Fut>(
     channel: &Channel,
     consumer: Consumer,
@@ -117,7 +116,7 @@ where
     let cancel = async {
         stop.cancelled().await;
         let cancelled = channel.basic_cancel(tag, BasicCancelOptions::default());
-        if let Err(error) = crate::amqp::settle(async { cancelled.await.map(|()| true) }).await {
+        if let Err(error) = crate::amqp::settle(cancelled).await {
             tracing::debug!(%error, "could not cancel the consumer; its channel is going anyway");
         }
         std::future::pending::<()>().await

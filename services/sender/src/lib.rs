@@ -397,7 +397,7 @@ async fn deliver(
                 .map(|_| ())
             }
         };
-        settle(&acks, delivery_tag, durable);
+        acks.settle(delivery_tag, durable);
         answered
     }
     .instrument(span)
@@ -456,15 +456,4 @@ fn attempted(
             retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
         },
     )
-}
-
-/// Acks when the outcome is durable; otherwise returns the message to its queue.
-fn settle(acks: &Acks, delivery_tag: u64, durable: Result<(), hiway_runtime::PublishError>) {
-    match durable {
-        Ok(()) => acks.ack(delivery_tag),
-        Err(error) => {
-            tracing::warn!(%error, "could not record the outcome; the message will be delivered again");
-            acks.nack(delivery_tag, true);
-        }
-    }
 }

@@ -6,8 +6,8 @@
 //! copy per output and destination on the deliver exchange (routing key = destination). The
 //! audit events (`received`, then `routed`, `filtered` or `unrouted`) and the copies are in
 //! flight together; the input is acked only once every one is confirmed. The audit events of
-//! all the messages in hand travel together in one broker message ([`AuditBatcher`]). If any fails the
-//! input is returned to the queue, so a copy may be sent twice but never lost (destinations
+//! all the messages in hand travel together in one broker message ([`AuditBatcher`]). If any
+//! fails the input is returned to the queue, so a copy may be sent twice but never lost (destinations
 //! dedupe on the idempotency key). A route whose program fails on a message dead-letters that
 //! message for that route alone, with jq's error; the other routes go on. A message whose
 //! envelope cannot be read is dead-lettered whole.
@@ -245,7 +245,7 @@ async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
         let body = &delivery.data;
         let plan = plan(router, &envelope, &entries, || hiway_transform::parse(body));
         let durable = carry_out(out, &envelope, body, plan, Some(received)).await;
-        settle(&acks, &delivery, durable);
+        acks.settle(delivery.delivery_tag, durable);
     }
     .instrument(span)
     .await
@@ -258,14 +258,14 @@ async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Ac
     // off this queue and left to the dead-letter store.
     let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) if !e.from_dead && e.destination.is_some() => e,
-        _ => return settle(&acks, &delivery, Ok(())),
+        _ => return acks.ack(delivery.delivery_tag),
     };
     let Some(destination) = envelope.destination.clone() else {
-        return settle(&acks, &delivery, Ok(()));
+        return acks.ack(delivery.delivery_tag);
     };
     let entries: Vec<&Entry> = router.routes.on_dead_of(&destination).iter().collect();
     if entries.is_empty() {
-        return settle(&acks, &delivery, Ok(()));
+        return acks.ack(delivery.delivery_tag);
     }
     let span = tracing::info_span!("transformer.on_dead", message_id = %envelope.id, destination = %destination);
     async {
@@ -291,7 +291,7 @@ async fn route_dead(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Ac
         source.destination = None;
         let plan = plan(router, &source, &entries, input);
         let durable = carry_out(out, &source, body, plan, None).await;
-        settle(&acks, &delivery, durable);
+        acks.settle(delivery.delivery_tag, durable);
     }
     .instrument(span)
     .await
@@ -473,17 +473,4 @@ async fn carry_out(
         .chain(dead)
         .chain(std::iter::once(audit))
         .collect()
-}
-
-/// Acks when everything the message became is durable; otherwise returns it to its queue to
-/// be routed again later (copies already confirmed will be sent twice; destinations drop
-/// duplicates by idempotency key).
-fn settle(acks: &Acks, delivery: &Delivery, durable: Result<(), hiway_runtime::PublishError>) {
-    match durable {
-        Ok(()) => acks.ack(delivery.delivery_tag),
-        Err(error) => {
-            tracing::warn!(%error, "publishing failed; returning the message to its queue");
-            acks.nack(delivery.delivery_tag, true);
-        }
-    }
 }
