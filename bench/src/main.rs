@@ -30,6 +30,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
+// The same allocator as the services (see services/ingress/src/main.rs): the load generator
+// and the sinks share the machine's cores with what they measure.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match bench().await {

@@ -176,7 +176,13 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
-#[allow(clippy::print_stdout)] // printing is what the operator commands are for
+// The services' allocator (see services/ingress/src/main.rs): `hiway run` is all of them in
+// one process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[allow(clippy::print_stdout)]
+// printing is what the operator commands are for
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
