@@ -577,7 +577,7 @@ impl Report {
             "Each cell preloads N messages into the destination's deliver queue (valid envelopes \
              published straight to the deliver exchange, so ingress and the transformer take no \
              part), starts the sender processes with `HIWAY_DESTINATIONS__SLOW__CONCURRENCY` set \
-             (prefetch stays at its default, 4 × concurrency) while hiway-audit writes the trail, \
+             (prefetch stays at its default, the larger of 256 and 4 × concurrency) while hiway-audit writes the trail, \
              and times the sink receiving all N: rate = N ÷ (first arrival → last answer). Ideal = \
              processes × concurrency ÷ {} ms. CPU is measured from the processes' start to the \
              last arrival (% of one core; *senders* is all sender processes together).\n",

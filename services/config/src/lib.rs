@@ -325,7 +325,8 @@ pub struct DestinationConfig {
     /// Requests in flight per sender process.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
-    /// Unacknowledged messages per sender process; default 4 × concurrency.
+    /// Unacknowledged messages per sender process; default the larger of 256 and
+    /// 4 × concurrency.
     pub prefetch: Option<u16>,
     /// When failed deliveries are tried again.
     #[serde(default)]
@@ -506,15 +507,27 @@ fn default_jitter() -> f64 {
 }
 
 impl DestinationConfig {
-    /// The prefetch in force: the configured one, or four times the concurrency (a quarter of
-    /// the messages held are talking to the destination; the others are waiting for a request
-    /// slot or for their outcome's confirm, which must not hold up the next request).
+    /// The prefetch in force: the configured one, or the larger of [`MIN_DEFAULT_PREFETCH`]
+    /// and four times the concurrency.
+    ///
+    /// A message is held from its delivery until its ack, and most of that time it is not
+    /// talking to the destination: it waits for a request slot, then for the broker to
+    /// confirm its outcome (audit event, retry, dead letter), then for its ack to be grouped
+    /// with others. The window must cover the rate × that whole time, or the queue grows
+    /// while the process idles: with 4 × 16 = 64 the benchmark's sender stalled at about
+    /// 2000/s on a fast destination with a fifth of a core in use (docs/benchmarks.md).
     pub fn effective_prefetch(&self) -> u16 {
         self.prefetch.unwrap_or_else(|| {
-            u16::try_from(self.concurrency.saturating_mul(4)).unwrap_or(u16::MAX)
+            u16::try_from(self.concurrency.saturating_mul(4))
+                .unwrap_or(u16::MAX)
+                .max(MIN_DEFAULT_PREFETCH)
         })
     }
 }
+
+/// The smallest default prefetch of a destination, whatever its concurrency: hundreds of
+/// messages in hand keep a fast destination busy while outcomes await their confirms.
+pub const MIN_DEFAULT_PREFETCH: u16 = 256;
 
 fn default_method() -> String {
     "POST".to_owned()

@@ -38,7 +38,7 @@ fn a_valid_configuration_fills_per_entry_defaults() {
     assert_eq!(forms.max_body_bytes, 1024 * 1024);
     let dhis2 = &config.destinations[&DestinationName::parse("dhis2").unwrap()];
     assert_eq!(dhis2.concurrency, 16);
-    assert_eq!(dhis2.effective_prefetch(), 64);
+    assert_eq!(dhis2.effective_prefetch(), 256);
     assert_eq!(dhis2.method, "POST");
     assert!(dhis2.delivered_statuses.is_empty());
 }
@@ -238,4 +238,16 @@ fn delivered_statuses_are_refused_on_kinds_that_read_their_systems_own_answers()
             "{kind}: {err}"
         );
     }
+}
+
+#[test]
+fn the_default_prefetch_is_four_times_the_concurrency_but_never_under_256() {
+    let prefetch = |lines: &str| {
+        let config = Config::from_toml(&with_destination_lines(lines)).unwrap();
+        config.destinations[&DestinationName::parse("dhis2").unwrap()].effective_prefetch()
+    };
+    assert_eq!(prefetch("concurrency = 8"), 256);
+    assert_eq!(prefetch("concurrency = 100"), 400);
+    assert_eq!(prefetch("concurrency = 100000"), u16::MAX);
+    assert_eq!(prefetch("concurrency = 100\nprefetch = 10"), 10);
 }
