@@ -161,6 +161,35 @@ fn verdict(met: bool) -> &'static str {
     if met { "**met**" } else { "**not met**" }
 }
 
+/// The most CPU (% of one core) that anything outside the measured processes may use while
+/// the baseline or the deciding step runs for the ratio to be judged. On a shared virtual
+/// machine the hypervisor's steal time shows up there; it slows the two windows unequally,
+/// and twice a run with a halved baseline printed a ratio target as met.
+pub const SKEW_LIMIT: f64 = 10.0;
+
+/// Why the ratio of the sustained rate to the baseline cannot be judged, if it cannot: the
+/// *other* CPU of the baseline and of the highest sustained step, against [`SKEW_LIMIT`].
+fn ratio_skew(baseline_other: Option<f64>, step_other: Option<f64>) -> Option<String> {
+    let over = |what: &str, other: Option<f64>| {
+        other
+            .filter(|o| *o > SKEW_LIMIT)
+            .map(|o| format!("*other* used {o:.0}% during {what}"))
+    };
+    let reasons: Vec<String> = [
+        over("the baseline", baseline_other),
+        over("that step", step_other),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!reasons.is_empty()).then(|| {
+        format!(
+            "**not judged**: {} (limit {SKEW_LIMIT:.0}%); rerun on a quiet machine",
+            reasons.join(" and ")
+        )
+    })
+}
+
 impl Report {
     /// The report as markdown.
     pub fn to_markdown(&self) -> String {
@@ -271,12 +300,12 @@ impl Report {
         match (&self.baseline, best) {
             (Some(b), Some(s)) => {
                 let ratio = f64::from(s.rate) / b.rate;
+                let result = ratio_skew(b.cpu.other(), s.cpu.other())
+                    .unwrap_or_else(|| verdict(ratio >= RATIO_TARGET).to_owned());
                 let _ = writeln!(
                     out,
-                    "| Sustained end to end ≥ {RATIO_TARGET} × baseline | {}/s ÷ {:.0}/s = {ratio:.2} | {} |",
-                    s.rate,
-                    b.rate,
-                    verdict(ratio >= RATIO_TARGET)
+                    "| Sustained end to end ≥ {RATIO_TARGET} × baseline | {}/s ÷ {:.0}/s = {ratio:.2} | {result} |",
+                    s.rate, b.rate,
                 );
             }
             (Some(b), None) if self.e2e.is_some() => {
@@ -763,4 +792,24 @@ pub fn scaling_verdict(s: &Scaling) -> (bool, String) {
         )
     };
     (failed.is_empty() && total > 0, summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ratio_is_judged_only_when_neither_window_was_skewed() {
+        assert_eq!(ratio_skew(Some(6.0), Some(4.0)), None);
+        assert_eq!(ratio_skew(None, None), None);
+        let baseline = ratio_skew(Some(15.0), Some(4.0)).unwrap();
+        assert!(baseline.starts_with("**not judged**"), "{baseline}");
+        assert!(baseline.contains("15% during the baseline"), "{baseline}");
+        assert!(!baseline.contains("that step"), "{baseline}");
+        let both = ratio_skew(Some(58.0), Some(25.0)).unwrap();
+        assert!(
+            both.contains("58% during the baseline and *other* used 25% during that step"),
+            "{both}"
+        );
+    }
 }
