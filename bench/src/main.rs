@@ -30,8 +30,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
-// The same allocator as the services (see services/ingress/src/main.rs): the load generator
-// and the sinks share the machine's cores with what they measure.
+// The services' allocator (see the workspace Cargo.toml): the load generator and the sinks
+// share the machine's cores with what they measure.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -176,8 +176,8 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
-// The services' allocator (see services/ingress/src/main.rs): `hiway run` is all of them in
-// one process.
+// The services' allocator (see the workspace Cargo.toml): `hiway run` is all of them in one
+// process.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

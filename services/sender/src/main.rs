@@ -10,9 +10,7 @@ struct Args {
     config: hiway_runtime::cli::ConfigArg,
 }
 
-// mimalloc instead of glibc's malloc: the hot paths (jq runs, JSON, AMQP frames) make
-// many small short-lived allocations, and glibc's malloc took about a third of the
-// transformer's CPU in the benchmark's profile (docs/benchmarks.md).
+// mimalloc, not glibc's malloc: why is at its line in the workspace Cargo.toml.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
