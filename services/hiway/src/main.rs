@@ -181,8 +181,7 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[allow(clippy::print_stdout)]
-// printing is what the operator commands are for
+#[allow(clippy::print_stdout)] // printing is what the operator commands are for
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

@@ -7,10 +7,10 @@
 //! audit events (`received`, then `routed`, `filtered` or `unrouted`) and the copies are in
 //! flight together; the input is acked only once every one is confirmed. The audit events of
 //! all the messages in hand travel together in one broker message ([`AuditBatcher`]). If any
-//! fails the input is returned to the queue, so a copy may be sent twice but never lost (destinations
-//! dedupe on the idempotency key). A route whose program fails on a message dead-letters that
-//! message for that route alone, with jq's error; the other routes go on. A message whose
-//! envelope cannot be read is dead-lettered whole.
+//! fails the input is returned to the queue, so a copy may be sent twice but never lost
+//! (destinations dedupe on the idempotency key). A route whose program fails on a message
+//! dead-letters that message for that route alone, with jq's error; the other routes go on. A
+//! message whose envelope cannot be read is dead-lettered whole.
 //!
 //! On-dead routes take a copy of every dead letter (from their own queue on the dead
 //! exchange) and run the same way, on `{message_id, channel, destination, route, reason,
