@@ -35,6 +35,7 @@ const SECTIONS: &[&str] = &[
     "sender",
     "audit",
     "shutdown",
+    "runtime",
     "log",
     "clients",
     "channels",
@@ -82,6 +83,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// How services stop.
     pub shutdown: ShutdownConfig,
+    /// The threads that run a process's work.
+    pub runtime: RuntimeConfig,
     /// Logging.
     pub log: LogConfig,
     /// Source systems allowed to post, by name.
@@ -195,6 +198,15 @@ pub struct ShutdownConfig {
     /// Longest drain after a stop signal.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+}
+
+/// `[runtime]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// tokio worker threads: 1 is tokio's current-thread scheduler, 0 one worker per CPU
+    /// core, any other number a multi-threaded scheduler with that many workers.
+    pub worker_threads: usize,
 }
 
 /// `[log]`

@@ -27,6 +27,7 @@ fn the_embedded_defaults_load_on_their_own() {
     let config = Config::from_toml("").unwrap();
     assert_eq!(config.broker.prefix, "hiway");
     assert_eq!(config.transformer.prefetch, 256);
+    assert_eq!(config.runtime.worker_threads, 1);
     assert!(config.routes.is_empty());
 }
 

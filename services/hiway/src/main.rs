@@ -181,15 +181,24 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[allow(clippy::print_stdout)] // printing is what the operator commands are for
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    match args.command {
-        Command::Run => {
-            let (config, stop) = hiway_runtime::cli::start(&args.config)?;
+    if let Command::Run = args.command {
+        return hiway_runtime::cli::serve(&args.config, |config, stop| async move {
             hiway::run_all(&config, stop).await
-        }
+        });
+    }
+    // The operator commands do one thing at a time: one thread is plenty.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(operate(args))
+}
+
+#[allow(clippy::print_stdout)] // printing is what the operator commands are for
+async fn operate(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Command::Run => unreachable!("`hiway run` is served by main"),
         Command::Trace { id } => {
             let config = args.config.load()?;
             let id: MessageId = id

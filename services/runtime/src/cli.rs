@@ -1,8 +1,9 @@
 //! What every binary's command line and start-up share.
 
+use std::future::Future;
 use std::path::PathBuf;
 
-use hiway_config::{Config, ConfigError};
+use hiway_config::{Config, ConfigError, RuntimeConfig};
 use tokio_util::sync::CancellationToken;
 
 /// `--config PATH`: a file, or a directory of `*.toml` files, layered over the built-in
@@ -21,10 +22,67 @@ impl ConfigArg {
     }
 }
 
-/// Start-up of a service binary: loads the configuration, sets up logging, and returns the
-/// stop token the first SIGTERM or ctrl-c cancels. Call it inside the tokio runtime.
-pub fn start(arg: &ConfigArg) -> Result<(Config, CancellationToken), ConfigError> {
+/// A service binary's whole life: loads the configuration, builds the tokio runtime its
+/// `[runtime]` section asks for, sets up logging and the stop token (cancelled by the first
+/// SIGTERM or ctrl-c) inside it, and runs `service` to its end.
+///
+/// The runtime is built here, not by `#[tokio::main]`, because its shape is configuration,
+/// which must be read first.
+pub fn serve<E, Fut>(
+    arg: &ConfigArg,
+    service: impl FnOnce(Config, CancellationToken) -> Fut,
+) -> Result<(), E>
+where
+    Fut: Future<Output = Result<(), E>>,
+    E: From<ConfigError> + From<std::io::Error>,
+{
     let config = arg.load()?;
-    crate::telemetry::init(&config.log);
-    Ok((config, crate::stop_signal()))
+    runtime(&config.runtime)?.block_on(async {
+        crate::telemetry::init(&config.log);
+        let stop = crate::stop_signal();
+        service(config, stop).await
+    })
+}
+
+/// The tokio runtime `[runtime] worker_threads` describes: 1, the current-thread scheduler;
+/// 0, the multi-threaded one with a worker per core; n, the multi-threaded one with n.
+pub fn runtime(config: &RuntimeConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
+    builder.enable_all().build()
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::*;
+
+    fn shape(worker_threads: usize) -> (RuntimeFlavor, usize) {
+        let runtime = runtime(&RuntimeConfig { worker_threads }).unwrap();
+        (
+            runtime.handle().runtime_flavor(),
+            runtime.metrics().num_workers(),
+        )
+    }
+
+    #[test]
+    fn one_worker_thread_means_the_current_thread_scheduler() {
+        assert_eq!(shape(1), (RuntimeFlavor::CurrentThread, 1));
+    }
+
+    #[test]
+    fn more_worker_threads_mean_the_multi_threaded_scheduler_with_that_many_and_zero_one_per_core()
+    {
+        assert_eq!(shape(3), (RuntimeFlavor::MultiThread, 3));
+        let cores = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(shape(0), (RuntimeFlavor::MultiThread, cores));
+    }
 }

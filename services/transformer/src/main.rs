@@ -14,9 +14,9 @@ struct Args {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let (config, stop) = hiway_runtime::cli::start(&Args::parse().config)?;
-    hiway_transformer::build(&config).await?.run(stop).await?;
-    Ok(())
+fn main() -> anyhow::Result<()> {
+    hiway_runtime::cli::serve(&Args::parse().config, |config, stop| async move {
+        hiway_transformer::build(&config).await?.run(stop).await?;
+        Ok(())
+    })
 }
