@@ -236,8 +236,7 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "- Settings: {:.0} s per step, ladder {} /s, grace {:.0} s, every hiway setting at its \
-             default (config/default.toml) except names, addresses and `log.filter = \"warn\"`.",
+            "- Settings: {:.0} s per step, ladder {} /s, grace {:.0} s, {}.",
             p.step.as_secs_f64(),
             p.rates
                 .iter()
@@ -245,6 +244,7 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", "),
             p.grace.as_secs_f64(),
+            settings_scope(&p.service_env),
         );
         if !p.service_env.is_empty() {
             let _ = writeln!(
@@ -731,6 +731,18 @@ fn join(v: &[u32]) -> String {
         .join(" / ")
 }
 
+/// Which hiway settings a run used: the shipped defaults, unless `--service-env` overrode
+/// some (the report lists those on the next line).
+fn settings_scope(service_env: &[(String, String)]) -> &'static str {
+    if service_env.is_empty() {
+        "every hiway setting at its default (config/default.toml) except names, addresses and \
+         `log.filter = \"warn\"`"
+    } else {
+        "hiway's settings at their defaults (config/default.toml) except names, addresses, \
+         `log.filter = \"warn\"` and the overrides on the next line"
+    }
+}
+
 /// Whether sender throughput grew with each added process and with more concurrency, until
 /// the CPU was the limit; and a sentence saying so.
 ///
@@ -797,6 +809,15 @@ pub fn scaling_verdict(s: &Scaling) -> (bool, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_settings_line_claims_the_defaults_only_when_no_service_setting_was_overridden() {
+        assert!(settings_scope(&[]).starts_with("every hiway setting at its default"));
+        let overridden = [("HIWAY_TRANSFORMER__PREFETCH".to_owned(), "512".to_owned())];
+        let scope = settings_scope(&overridden);
+        assert!(!scope.contains("every hiway setting"), "{scope}");
+        assert!(scope.ends_with("the overrides on the next line"), "{scope}");
+    }
 
     #[test]
     fn a_ratio_is_judged_only_when_neither_window_was_skewed() {
