@@ -188,11 +188,10 @@ fn main() -> anyhow::Result<()> {
             hiway::run_all(&config, stop).await
         });
     }
-    // The operator commands do one thing at a time: one thread is plenty.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(operate(args))
+    // The operator commands do one thing at a time: one thread is plenty. (Some of them need
+    // no configuration, so theirs cannot decide.)
+    let one_thread = hiway_config::RuntimeConfig { worker_threads: 1 };
+    hiway_runtime::cli::runtime(&one_thread)?.block_on(operate(args))
 }
 
 #[allow(clippy::print_stdout)] // printing is what the operator commands are for
