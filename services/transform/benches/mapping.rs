@@ -12,6 +12,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use hiway_proto::RouteName;
 use hiway_transform::{Applied, Meta, Transforms};
 
+// The services' allocator, so that the figures are the transformer's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn example() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../config/examples/commcare-to-dhis2-event")
 }

@@ -208,3 +208,28 @@ fn a_body_that_is_not_json_is_an_error_saying_so() {
     let err = parse(b"<xml/>").unwrap_err();
     assert!(err.contains("not JSON"), "{err}");
 }
+
+#[test]
+fn outputs_are_compact_json_with_strings_escaped_and_numbers_kept() {
+    let toml = route("transform = '.'");
+    let body = r#"{"text":"line\nbreak \"quoted\" \\ é 🙂 \u0001","n":[0,-7,1.5,12345678901234567890,1e300],"empty":{},"list":[],"nested":{"a":[null,true,false]}}"#;
+    assert_eq!(
+        bodies(apply(&toml, body).unwrap()),
+        [
+            r#"{"text":"line\nbreak \"quoted\" \\ é 🙂 \u0001","n":[0,-7,1.5,12345678901234567890,1e300],"empty":{},"list":[],"nested":{"a":[null,true,false]}}"#
+        ]
+    );
+}
+
+#[test]
+fn both_programs_see_the_same_hiway_metadata() {
+    let toml = route(
+        r#"filter = '$hiway.route == "r"'
+transform = '$hiway'"#,
+    );
+    let out = bodies(apply(&toml, "{}").unwrap());
+    let hiway: serde_json::Value = serde_json::from_str(&out[0]).unwrap();
+    assert_eq!(hiway["message_id"], "0193a0c4-0000-7000-8000-000000000001");
+    assert_eq!(hiway["route"], "r");
+    assert_eq!(hiway["received_at"], "2026-11-22T10:00:00Z");
+}
