@@ -9,11 +9,16 @@
 //! exceed the cap is not sent and counts as an error (the system did not keep up).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
-use reqwest::header::CONTENT_TYPE;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HOST, HeaderValue};
+use hyper::{Request, Uri};
+use hyper_util::rt::TokioIo;
 use tokio::sync::{Semaphore, mpsc};
 
 /// The request body: a CommCare form forward (`form-forward-json` from CommCare's data
@@ -31,12 +36,23 @@ pub const MAX_IN_FLIGHT: usize = 512;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Posts to one channel of ingress.
+///
+/// Straight on hyper's HTTP/1 connections rather than through reqwest: the generator shares
+/// the machine with what it measures, and reqwest re-parses the URL (with IDNA), checks out of
+/// a locked pool and arms a redirect policy on every request. Here the request head is built
+/// from values prepared once, and idle connections wait in a stack. At most
+/// [`MAX_IN_FLIGHT`] connections are open, one per request in flight.
 pub struct Load {
-    client: reqwest::Client,
-    url: String,
-    key: String,
+    /// `host:port` to connect to.
+    authority: String,
+    path: Uri,
+    host: HeaderValue,
+    authorization: HeaderValue,
     body: Bytes,
+    idle: Arc<Mutex<Vec<Connection>>>,
 }
+
+type Connection = SendRequest<Full<Bytes>>;
 
 /// Why requests failed, by kind.
 #[derive(Clone, Debug, Default)]
@@ -101,19 +117,24 @@ struct Answer {
 }
 
 impl Load {
-    /// A generator posting to `channel` of the ingress at `base_url`, authenticated with the
-    /// bearer `key`.
+    /// A generator posting to `channel` of the ingress at `base_url` (`http://host:port`),
+    /// authenticated with the bearer `key`.
     pub fn new(base_url: &str, channel: &str, key: &str) -> anyhow::Result<Self> {
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(MAX_IN_FLIGHT)
-            .timeout(REQUEST_TIMEOUT)
-            .tcp_nodelay(true)
-            .build()?;
+        let url = url::Url::parse(base_url).with_context(|| format!("ingress URL {base_url}"))?;
+        let host = url
+            .host_str()
+            .with_context(|| format!("ingress URL {base_url} has no host"))?;
+        let port = url
+            .port_or_known_default()
+            .with_context(|| format!("ingress URL {base_url} has no port"))?;
+        let authority = format!("{host}:{port}");
         Ok(Self {
-            client,
-            url: format!("{base_url}/v1/channels/{channel}/messages"),
-            key: key.to_owned(),
+            path: format!("/v1/channels/{channel}/messages").parse()?,
+            host: HeaderValue::from_str(&authority)?,
+            authorization: HeaderValue::from_str(&format!("Bearer {key}"))?,
+            authority,
             body: Bytes::from_static(FORM),
+            idle: Arc::new(Mutex::new(Vec::with_capacity(MAX_IN_FLIGHT))),
         })
     }
 
@@ -169,30 +190,76 @@ impl Load {
 
     /// One POST; the accepted time is taken as soon as the 202's head arrives.
     fn request(&self) -> impl Future<Output = Outcome> + Send + 'static {
-        let request = self
-            .client
-            .post(&self.url)
-            .bearer_auth(&self.key)
-            .header(CONTENT_TYPE, "application/json")
-            .body(self.body.clone());
+        let request = Request::post(self.path.clone())
+            .header(HOST, self.host.clone())
+            .header(AUTHORIZATION, self.authorization.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(Full::new(self.body.clone()));
+        let idle = self.idle.clone();
+        let authority = self.authority.clone();
         async move {
-            let response = match request.send().await {
-                Ok(r) => r,
-                Err(_) => return Outcome::Transport,
+            let Ok(request) = request else {
+                return Outcome::Transport;
             };
-            let at = Instant::now();
-            let status = response.status().as_u16();
-            // Read the body in every case, so the connection goes back to the pool.
-            let body = response.bytes().await;
-            if status != 202 {
-                return Outcome::Status(status);
-            }
-            body.ok()
-                .and_then(|b| serde_json::from_slice::<Answer>(&b).ok())
-                .and_then(|a| uuid::Uuid::parse_str(&a.id).ok())
-                .map_or(Outcome::BadAnswer, |id| Outcome::Accepted(id.as_u128(), at))
+            tokio::time::timeout(REQUEST_TIMEOUT, exchange(&idle, &authority, request))
+                .await
+                .unwrap_or(Outcome::Transport)
         }
     }
+}
+
+/// Sends `request` on an idle connection, or a new one, and reads the whole answer.
+async fn exchange(
+    idle: &Mutex<Vec<Connection>>,
+    authority: &str,
+    request: Request<Full<Bytes>>,
+) -> Outcome {
+    let mut connection = loop {
+        let pooled = idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        match pooled {
+            // A connection the server closed while it was idle is dropped here, not used.
+            Some(mut c) => {
+                if c.ready().await.is_ok() {
+                    break c;
+                }
+            }
+            None => match connect(authority).await {
+                Ok(c) => break c,
+                Err(_) => return Outcome::Transport,
+            },
+        }
+    };
+    let response = match connection.send_request(request).await {
+        Ok(r) => r,
+        Err(_) => return Outcome::Transport,
+    };
+    let at = Instant::now();
+    let status = response.status().as_u16();
+    // Read the body in every case, so the connection can take the next request.
+    let body = response.into_body().collect().await.map(|b| b.to_bytes());
+    if body.is_ok() {
+        idle.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(connection);
+    }
+    if status != 202 {
+        return Outcome::Status(status);
+    }
+    body.ok()
+        .and_then(|b| serde_json::from_slice::<Answer>(&b).ok())
+        .and_then(|a| uuid::Uuid::parse_str(&a.id).ok())
+        .map_or(Outcome::BadAnswer, |id| Outcome::Accepted(id.as_u128(), at))
+}
+
+/// A new HTTP/1.1 connection; its I/O runs as a task of its own until either side closes it.
+async fn connect(authority: &str) -> anyhow::Result<Connection> {
+    let stream = tokio::net::TcpStream::connect(authority).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
 }
 
 #[cfg(test)]

@@ -35,7 +35,12 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
+// One thread, like the services (`[runtime] worker_threads = 1`): a hand-off between threads is
+// a futex wake-up, costly on the virtual machines this runs on. Measured in session 7 (six
+// alternating runs): the baseline's client drove RabbitMQ to 12434–14317/s on one thread
+// against 11153–12444/s on tokio's multi-threaded scheduler, and the load generator and sink
+// used less CPU (docs/benchmarks.md).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     match bench().await {
         Ok(()) => ExitCode::SUCCESS,
