@@ -36,12 +36,11 @@ pub enum Action {
 }
 
 /// Runs a dlq command, printing its result.
-#[allow(clippy::print_stdout)] // printing is what the command is for
 pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Result<()> {
     match action {
         Action::List(selection) => {
             let letters = dlq::select(pool, &selection).await?;
-            print!("{}", format_list(&letters));
+            crate::print(format_list(&letters))?;
         }
         Action::Show(id) => {
             let selection = Selection {
@@ -63,7 +62,7 @@ pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Resu
                 }
             }
             match letters.first() {
-                Some(letter) => print!("{}", format_one(letter)),
+                Some(letter) => crate::print(format_one(letter))?,
                 None => bail!("no dead letter with id {id}"),
             }
         }
@@ -87,11 +86,11 @@ pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Resu
         } => {
             if dry_run {
                 let letters = dlq::select(pool, &selection).await?;
-                print!(
+                crate::print(format_args!(
                     "would replay {} dead letter(s):\n{}",
                     letters.len(),
                     format_list(&letters)
-                );
+                ))?;
                 return Ok(());
             }
             let broker = Broker::new(config);
@@ -102,10 +101,10 @@ pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Resu
             let publisher = broker.publisher(&connection).await?;
             let report = dlq::replay(pool, &publisher, broker.names(), &selection).await?;
             hiway_runtime::amqp::close_connection(&connection, 200, "done").await;
-            println!(
-                "replayed {}; failed {} (still dead: run the same command again)",
+            crate::print(format_args!(
+                "replayed {}; failed {} (still dead: run the same command again)\n",
                 report.replayed, report.failed
-            );
+            ))?;
             if report.failed > 0 {
                 bail!("{} dead letter(s) could not be replayed", report.failed);
             }
@@ -115,15 +114,15 @@ pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Resu
         } => {
             if dry_run {
                 let letters = dlq::select(pool, &selection).await?;
-                print!(
+                crate::print(format_args!(
                     "would discard {} dead letter(s):\n{}",
                     letters.len(),
                     format_list(&letters)
-                );
+                ))?;
                 return Ok(());
             }
             let n = dlq::discard(pool, &selection).await?;
-            println!("discarded {n}");
+            crate::print(format_args!("discarded {n}\n"))?;
         }
     }
     Ok(())

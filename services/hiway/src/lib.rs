@@ -15,6 +15,27 @@ use tokio_util::sync::CancellationToken;
 
 type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
+/// Writes an operator command's output to stdout. Unlike `print!`, which panics when stdout
+/// is closed, a failed write is an error the command returns: `hiway client new x | head -1`
+/// closes the pipe after one line, and that must end the command quietly (see
+/// [`is_broken_pipe`]), not with a panic.
+pub fn print(text: impl std::fmt::Display) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    write!(out, "{text}")?;
+    out.flush()
+}
+
+/// Whether `error` is stdout's reader having gone away (EPIPE): the reader took what it
+/// wanted, so the command ends with success and says nothing.
+pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Builds every service, then runs them all under one stop token. The same `build` and `run`
 /// as the separate binaries: messages still cross RabbitMQ, so a laptop fails the way
 /// production does. When one service fails, the others are stopped (they drain) and the

@@ -181,7 +181,20 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match start() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        // `hiway … | head`: the reader took what it wanted.
+        Err(error) if hiway::is_broken_pipe(&error) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            // The same words as returning the error from main.
+            eprintln!("Error: {error:?}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn start() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Command::Run = args.command {
         return hiway_runtime::cli::serve(&args.config, |config, stop| async move {
@@ -194,7 +207,6 @@ fn main() -> anyhow::Result<()> {
     hiway_runtime::cli::runtime(&one_thread)?.block_on(operate(args))
 }
 
-#[allow(clippy::print_stdout)] // printing is what the operator commands are for
 async fn operate(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Run => unreachable!("`hiway run` is served by main"),
@@ -207,7 +219,7 @@ async fn operate(args: Args) -> anyhow::Result<()> {
                 .await
                 .context("cannot connect to PostgreSQL")?;
             let trail = hiway_audit::trail(&pool, id).await?;
-            print!("{}", hiway::format_trail(&id.to_string(), &trail));
+            hiway::print(hiway::format_trail(&id.to_string(), &trail))?;
             Ok(())
         }
         Command::Status => {
@@ -216,7 +228,7 @@ async fn operate(args: Args) -> anyhow::Result<()> {
                 .await
                 .context("cannot connect to PostgreSQL")?;
             let statuses = hiway::status::read(&config, &pool).await?;
-            print!("{}", hiway::status::format(&statuses));
+            hiway::print(hiway::status::format(&statuses))?;
             Ok(())
         }
         Command::Dlq { command } => {
@@ -253,7 +265,7 @@ async fn operate(args: Args) -> anyhow::Result<()> {
                 );
             }
             if show {
-                println!("{config:#?}");
+                hiway::print(format_args!("{config:#?}\n"))?;
             }
             let programs = config
                 .routes
@@ -263,15 +275,15 @@ async fn operate(args: Args) -> anyhow::Result<()> {
                         + usize::from(r.transform.is_some() || r.transform_file.is_some())
                 })
                 .sum::<usize>();
-            println!(
-                "configuration is valid: {} clients, {} channels, {} destinations, {} routes, {} jq programs, {} lookup tables",
+            hiway::print(format_args!(
+                "configuration is valid: {} clients, {} channels, {} destinations, {} routes, {} jq programs, {} lookup tables\n",
                 config.clients.len(),
                 config.channels.len(),
                 config.destinations.len(),
                 config.routes.len(),
                 programs,
                 config.lookups.len()
-            );
+            ))?;
             Ok(())
         }
         Command::Client {
@@ -280,18 +292,16 @@ async fn operate(args: Args) -> anyhow::Result<()> {
             let name = hiway_proto::ClientName::parse(name)?;
             let key = random_secret();
             let password = random_secret();
-            println!("# Give these to the client (shown once; hiway keeps only the hashes):");
-            println!("#   API key:  {key}      (Authorization: Bearer <key>)");
-            println!("#   password: {password} (basic auth, user name {name})");
-            println!("[clients.{name}]");
-            println!(
-                "api_key_sha256 = \"{}\"",
-                hiway_ingress::auth::hash_secret(&key)
-            );
-            println!(
-                "password_sha256 = \"{}\"",
+            hiway::print(format_args!(
+                "# Give these to the client (shown once; hiway keeps only the hashes):\n\
+                 #   API key:  {key}      (Authorization: Bearer <key>)\n\
+                 #   password: {password} (basic auth, user name {name})\n\
+                 [clients.{name}]\n\
+                 api_key_sha256 = \"{}\"\n\
+                 password_sha256 = \"{}\"\n",
+                hiway_ingress::auth::hash_secret(&key),
                 hiway_ingress::auth::hash_secret(&password)
-            );
+            ))?;
             Ok(())
         }
         Command::DemoSink {
