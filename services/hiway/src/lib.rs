@@ -18,23 +18,31 @@ type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 /// Writes an operator command's output to stdout. Unlike `print!`, which panics when stdout
 /// is closed, a failed write is an error the command returns: `hiway client new x | head -1`
 /// closes the pipe after one line, and that must end the command quietly (see
-/// [`is_broken_pipe`]), not with a panic.
-pub fn print(text: impl std::fmt::Display) -> std::io::Result<()> {
+/// [`OutputClosed`]), not with a panic.
+pub fn print(text: impl std::fmt::Display) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    write!(out, "{text}")?;
-    out.flush()
+    match write!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to stdout")),
+    }
 }
 
-/// Whether `error` is stdout's reader having gone away (EPIPE): the reader took what it
-/// wanted, so the command ends with success and says nothing.
-pub fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
-    })
+/// stdout's reader went away (EPIPE) while a command wrote its output: the reader took what
+/// it wanted, so the command ends with success and says nothing. Its own type, not any
+/// broken pipe: a connection to the broker or the database breaking the same way is a
+/// failure to report.
+#[derive(Debug)]
+pub struct OutputClosed;
+
+impl std::fmt::Display for OutputClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed by its reader")
+    }
 }
+
+impl std::error::Error for OutputClosed {}
 
 /// Builds every service, then runs them all under one stop token. The same `build` and `run`
 /// as the separate binaries: messages still cross RabbitMQ, so a laptop fails the way

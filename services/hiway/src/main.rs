@@ -185,7 +185,7 @@ fn main() -> std::process::ExitCode {
     match start() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // `hiway … | head`: the reader took what it wanted.
-        Err(error) if hiway::is_broken_pipe(&error) => std::process::ExitCode::SUCCESS,
+        Err(error) if error.is::<hiway::OutputClosed>() => std::process::ExitCode::SUCCESS,
         Err(error) => {
             // The same words as returning the error from main.
             eprintln!("Error: {error:?}");
