@@ -43,13 +43,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// from values prepared once, and idle connections wait in a stack. At most
 /// [`MAX_IN_FLIGHT`] connections are open, one per request in flight.
 pub struct Load {
-    /// `host:port` to connect to.
-    authority: String,
     path: Uri,
     host: HeaderValue,
     authorization: HeaderValue,
     body: Bytes,
-    idle: Arc<Mutex<Vec<Connection>>>,
+    pool: Arc<Pool>,
+}
+
+/// Where requests go, and the connections that are open and idle.
+struct Pool {
+    /// `host:port` to connect to.
+    authority: String,
+    idle: Mutex<Vec<Connection>>,
 }
 
 type Connection = SendRequest<Full<Bytes>>;
@@ -132,9 +137,11 @@ impl Load {
             path: format!("/v1/channels/{channel}/messages").parse()?,
             host: HeaderValue::from_str(&authority)?,
             authorization: HeaderValue::from_str(&format!("Bearer {key}"))?,
-            authority,
             body: Bytes::from_static(FORM),
-            idle: Arc::new(Mutex::new(Vec::with_capacity(MAX_IN_FLIGHT))),
+            pool: Arc::new(Pool {
+                authority,
+                idle: Mutex::new(Vec::with_capacity(MAX_IN_FLIGHT)),
+            }),
         })
     }
 
@@ -195,13 +202,12 @@ impl Load {
             .header(AUTHORIZATION, self.authorization.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .body(Full::new(self.body.clone()));
-        let idle = self.idle.clone();
-        let authority = self.authority.clone();
+        let pool = self.pool.clone();
         async move {
             let Ok(request) = request else {
                 return Outcome::Transport;
             };
-            tokio::time::timeout(REQUEST_TIMEOUT, exchange(&idle, &authority, request))
+            tokio::time::timeout(REQUEST_TIMEOUT, exchange(&pool, request))
                 .await
                 .unwrap_or(Outcome::Transport)
         }
@@ -209,13 +215,13 @@ impl Load {
 }
 
 /// Sends `request` on an idle connection, or a new one, and reads the whole answer.
-async fn exchange(
-    idle: &Mutex<Vec<Connection>>,
-    authority: &str,
-    request: Request<Full<Bytes>>,
-) -> Outcome {
+async fn exchange(pool: &Pool, request: Request<Full<Bytes>>) -> Outcome {
     let mut connection = loop {
-        let pooled = idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let pooled = pool
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
         match pooled {
             // A connection the server closed while it was idle is dropped here, not used.
             Some(mut c) => {
@@ -223,7 +229,7 @@ async fn exchange(
                     break c;
                 }
             }
-            None => match connect(authority).await {
+            None => match connect(&pool.authority).await {
                 Ok(c) => break c,
                 Err(_) => return Outcome::Transport,
             },
@@ -238,7 +244,8 @@ async fn exchange(
     // Read the body in every case, so the connection can take the next request.
     let body = response.into_body().collect().await.map(|b| b.to_bytes());
     if body.is_ok() {
-        idle.lock()
+        pool.idle
+            .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(connection);
     }

@@ -222,7 +222,7 @@ fn outputs_are_compact_json_with_strings_escaped_and_numbers_kept() {
 }
 
 #[test]
-fn both_programs_see_the_same_hiway_metadata() {
+fn the_filter_and_the_transform_both_see_hiway() {
     let toml = route(
         r#"filter = '$hiway.route == "r"'
 transform = '$hiway'"#,
