@@ -200,6 +200,9 @@ pub struct ShutdownConfig {
     pub drain_timeout: Duration,
 }
 
+/// The most `[runtime] worker_threads` a configuration may ask for.
+pub const MAX_WORKER_THREADS: usize = 256;
+
 /// `[runtime]`
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -753,6 +756,18 @@ impl Config {
             if v == 0 {
                 err(key.into(), "must be at least 1".into());
             }
+        }
+
+        // One process is meant to use a few cores at most (scale out with more processes); a
+        // number this large is a typo, and tokio would try to start every one of its threads.
+        if self.runtime.worker_threads > MAX_WORKER_THREADS {
+            err(
+                "runtime.worker_threads".into(),
+                format!(
+                    "{} is more than {MAX_WORKER_THREADS}; use 0 for one per CPU core, or run more processes",
+                    self.runtime.worker_threads
+                ),
+            );
         }
 
         for (name, client) in &self.clients {

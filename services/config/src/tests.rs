@@ -252,3 +252,17 @@ fn the_default_prefetch_is_four_times_the_concurrency_but_never_under_256() {
     assert_eq!(prefetch("concurrency = 100000"), u16::MAX);
     assert_eq!(prefetch("concurrency = 100\nprefetch = 10"), 10);
 }
+
+#[test]
+fn a_thread_count_beyond_any_sensible_machine_is_refused_with_the_key_named() {
+    let toml = format!("{}\n[runtime]\nworker_threads = 100000\n", valid());
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("runtime.worker_threads"), "{err}");
+    assert!(err.contains("100000 is more than 256"), "{err}");
+
+    let toml = format!("{}\n[runtime]\nworker_threads = 256\n", valid());
+    assert_eq!(
+        Config::from_toml(&toml).unwrap().runtime.worker_threads,
+        256
+    );
+}

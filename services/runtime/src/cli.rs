@@ -46,11 +46,19 @@ where
 
 /// The tokio runtime `[runtime] worker_threads` describes: 1, the current-thread scheduler;
 /// 0, the multi-threaded one with a worker per core; n, the multi-threaded one with n.
+///
+/// For 0 the number of cores is given to tokio rather than left to its default, which
+/// `TOKIO_WORKER_THREADS` in the environment would override: hiway's own configuration
+/// (file or `HIWAY_RUNTIME__WORKER_THREADS`) is the one place that decides.
 pub fn runtime(config: &RuntimeConfig) -> std::io::Result<tokio::runtime::Runtime> {
     let mut builder = match config.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
         n => {
+            let n = if n == 0 {
+                std::thread::available_parallelism().map_or(1, usize::from)
+            } else {
+                n
+            };
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(n);
             builder
