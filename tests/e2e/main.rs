@@ -14,5 +14,6 @@ mod failures;
 mod fhir;
 mod ingress;
 mod openmrs;
+mod primero;
 mod senders;
 mod transforms;

@@ -595,6 +595,39 @@ pub enum DestinationAuth {
         /// Token reference.
         token: SecretRef,
     },
+    /// Primero v2: the sender logs in with a user name and password (`POST /api/v2/tokens`),
+    /// sends the JWT it gets as `Authorization: Bearer …`, logs in again before the token is
+    /// `refresh_after` old (Primero's JWTs expire after 60 minutes), and once more when the
+    /// destination answers 401.
+    Primero {
+        /// The Primero user hiway acts as.
+        username: String,
+        /// Its password reference.
+        password: SecretRef,
+        /// Where to log in. Default: `/api/v2/tokens` on the destination URL's host.
+        token_url: Option<url::Url>,
+        /// Age at which a token is replaced before it is used again.
+        #[serde(with = "humantime_serde", default = "default_primero_refresh")]
+        refresh_after: Duration,
+    },
+}
+
+fn default_primero_refresh() -> Duration {
+    Duration::from_secs(50 * 60)
+}
+
+impl DestinationAuth {
+    /// The secret this authentication reads, and the key it is under.
+    pub fn secret(&self) -> (&'static str, &SecretRef) {
+        match self {
+            DestinationAuth::Basic { password, .. } | DestinationAuth::Primero { password, .. } => {
+                ("password", password)
+            }
+            DestinationAuth::Bearer { token } | DestinationAuth::ApiToken { token } => {
+                ("token", token)
+            }
+        }
+    }
 }
 
 /// `[routes.<name>]`: from these channels to these destinations.
@@ -915,14 +948,30 @@ impl Config {
                 }
             }
             if let Some(auth) = &d.auth {
-                let secret = match auth {
-                    DestinationAuth::Basic { password, .. } => ("password", password),
-                    DestinationAuth::Bearer { token } | DestinationAuth::ApiToken { token } => {
-                        ("token", token)
+                let (key, secret) = auth.secret();
+                if let Err(e) = secret.resolve() {
+                    err(format!("destinations.{name}.auth.{key}"), e);
+                }
+                if let DestinationAuth::Primero {
+                    token_url,
+                    refresh_after,
+                    ..
+                } = auth
+                {
+                    if refresh_after.is_zero() {
+                        err(
+                            format!("destinations.{name}.auth.refresh_after"),
+                            "must be longer than zero".into(),
+                        );
                     }
-                };
-                if let Err(e) = secret.1.resolve() {
-                    err(format!("destinations.{name}.auth.{}", secret.0), e);
+                    if let Some(u) = token_url
+                        && !matches!(u.scheme(), "http" | "https")
+                    {
+                        err(
+                            format!("destinations.{name}.auth.token_url"),
+                            format!("{u} is not an http(s) URL"),
+                        );
+                    }
                 }
             }
         }

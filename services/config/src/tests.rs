@@ -266,3 +266,45 @@ fn a_thread_count_beyond_any_sensible_machine_is_refused_with_the_key_named() {
         256
     );
 }
+
+#[test]
+fn a_primero_login_refreshes_its_token_after_50_minutes_unless_told_otherwise() {
+    let primero = |auth: &str| {
+        format!(
+            "[destinations.p]\nurl = \"https://primero.example.org/api/v2/cases\"\nauth = {auth}\n"
+        )
+    };
+    let config = Config::from_toml(&primero(
+        r#"{ type = "primero", username = "bot", password = "value:pw" }"#,
+    ))
+    .unwrap();
+    match &config.destinations.values().next().unwrap().auth {
+        Some(DestinationAuth::Primero {
+            username,
+            password,
+            token_url,
+            refresh_after,
+        }) => {
+            assert_eq!(username, "bot");
+            assert_eq!(password.resolve().unwrap().expose(), "pw");
+            assert_eq!(*token_url, None);
+            assert_eq!(*refresh_after, Duration::from_secs(50 * 60));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let err = Config::from_toml(&primero(
+        r#"{ type = "primero", username = "bot", password = { env = "HIWAY_NOT_SET_ANYWHERE" }, token_url = "ftp://x/tokens", refresh_after = "0s" }"#,
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("destinations.p.auth.password"), "{err}");
+    assert!(
+        err.contains("destinations.p.auth.token_url: ftp://x/tokens is not an http(s) URL"),
+        "{err}"
+    );
+    assert!(
+        err.contains("destinations.p.auth.refresh_after: must be longer than zero"),
+        "{err}"
+    );
+}

@@ -9,6 +9,8 @@ use hiway_proto::DestinationName;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Client, Method, Url};
 
+use crate::login::Login;
+
 /// Why a destination cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DestinationError {
@@ -69,6 +71,9 @@ pub struct Destination {
     pub circuit: CircuitConfig,
     /// Its whole configuration, for the settings of its kind.
     pub config: DestinationConfig,
+    /// For a destination that hands out short-lived tokens, how the sender logs in; its
+    /// token is then added per request, not in `headers`.
+    pub login: Option<Login>,
 }
 
 impl Destination {
@@ -89,35 +94,54 @@ impl Destination {
                 .map_err(|e| header_error(format!("{k:?}: {e}")))?;
             headers.insert(key, value);
         }
+        let mut login = None;
         if let Some(auth) = &config.auth {
             let secret_error = |reason| DestinationError::Secret {
                 destination: name.clone(),
                 reason,
             };
             let value = match auth {
+                DestinationAuth::Primero {
+                    username,
+                    password,
+                    token_url,
+                    refresh_after,
+                } => {
+                    let password = password.resolve().map_err(secret_error)?;
+                    login = Some(Login::primero(
+                        &config.url,
+                        token_url.as_ref(),
+                        username,
+                        password.expose(),
+                        *refresh_after,
+                    ));
+                    None
+                }
                 DestinationAuth::Basic { username, password } => {
                     let password = password.resolve().map_err(secret_error)?;
                     let raw = format!("{username}:{}", password.expose());
-                    format!(
+                    Some(format!(
                         "Basic {}",
                         base64::engine::general_purpose::STANDARD.encode(raw)
-                    )
+                    ))
                 }
-                DestinationAuth::Bearer { token } => {
-                    format!("Bearer {}", token.resolve().map_err(secret_error)?.expose())
-                }
-                DestinationAuth::ApiToken { token } => {
-                    format!(
-                        "ApiToken {}",
-                        token.resolve().map_err(secret_error)?.expose()
-                    )
-                }
+                DestinationAuth::Bearer { token } => Some(format!(
+                    "Bearer {}",
+                    token.resolve().map_err(secret_error)?.expose()
+                )),
+                DestinationAuth::ApiToken { token } => Some(format!(
+                    "ApiToken {}",
+                    token.resolve().map_err(secret_error)?.expose()
+                )),
             };
-            let mut value = HeaderValue::try_from(value)
-                .map_err(|_| header_error("the credentials are not valid in a header".into()))?;
-            // Marked sensitive so no debug output or HTTP/2 table ever shows it.
-            value.set_sensitive(true);
-            headers.insert(AUTHORIZATION, value);
+            if let Some(value) = value {
+                let mut value = HeaderValue::try_from(value).map_err(|_| {
+                    header_error("the credentials are not valid in a header".into())
+                })?;
+                // Marked sensitive so no debug output or HTTP/2 table ever shows it.
+                value.set_sensitive(true);
+                headers.insert(AUTHORIZATION, value);
+            }
         }
         let client = Client::builder()
             .timeout(config.timeout)
@@ -149,6 +173,7 @@ impl Destination {
             retry: config.retry.clone(),
             circuit: config.circuit.clone(),
             config: config.clone(),
+            login,
         })
     }
 }

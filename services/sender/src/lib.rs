@@ -21,6 +21,7 @@
 mod circuit;
 mod destination;
 mod kinds;
+mod login;
 pub mod outcome;
 mod retry;
 

@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use hiway_tests::doubles::primero::{
+    PASSWORD as PRIMERO_PASSWORD, Primero, USERNAME as PRIMERO_USER,
+};
 use hiway_tests::{Receiver, SOURCE_KEY, TestHiway, eventually, example_dir, key_hash};
 use serde_json::{Value, json};
 
@@ -18,12 +21,14 @@ fn sample_case() -> Value {
 /// The example with its destinations pointed at the doubles, the client `primero` made to
 /// accept the harness's key, and retries shortened.
 ///
-/// The example reads both bearer tokens from environment variables; the override gives them
-/// inline in the one-string form, which replaces the example's `{ env = … }` table.
-/// The bearer token the doubles expect.
+/// The example reads ChildShield's token and Primero's password from environment variables;
+/// the override gives them inline in the one-string form, which replaces the example's
+/// `{ env = … }` table. Primero is the Primero double: hiway logs in to it as the example
+/// says.
+/// The bearer token the ChildShield double expects.
 const TOKEN: &str = "test-token";
 
-async fn spawn(childshield: &Receiver, primero: &Receiver) -> TestHiway {
+async fn spawn(childshield: &Receiver, primero: &Primero) -> TestHiway {
     TestHiway::spawn_example(
         &example_dir("primero-to-childshield"),
         &format!(
@@ -38,7 +43,7 @@ retry = {{ schedule = ["100ms"], jitter = 0.0 }}
 
 [destinations.primero]
 url = "{}"
-auth = {{ type = "bearer", token = "value:{TOKEN}" }}
+auth = {{ username = "{PRIMERO_USER}", password = "value:{PRIMERO_PASSWORD}" }}
 retry = {{ schedule = ["100ms"], jitter = 0.0 }}
 "#,
             key_hash(SOURCE_KEY),
@@ -60,7 +65,7 @@ async fn the_sample_case_reaches_childshield_with_thai_labels_and_its_primero_id
         201,
         r#"{"case_ref":"b3222e84-a5d7-4692-a643-1ab3d41f17d6"}"#,
     )));
-    let primero = Receiver::start().await;
+    let primero = Primero::start().await;
     let app = spawn(&childshield, &primero).await;
 
     let id = app.post_json(CHANNEL, &sample_case()).await;
@@ -101,14 +106,14 @@ async fn the_sample_case_reaches_childshield_with_thai_labels_and_its_primero_id
 
     app.wait_for_trail(id, &["received", "routed", "delivered"])
         .await;
-    assert_eq!(primero.arrived(), 0, "nothing goes back to Primero");
+    assert_eq!(primero.requests().len(), 0, "nothing goes back to Primero");
     app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_case_not_shared_with_childshield_or_not_open_is_recorded_filtered_and_not_sent() {
     let childshield = Receiver::start().await;
-    let primero = Receiver::start().await;
+    let primero = Primero::start().await;
     let app = spawn(&childshield, &primero).await;
     let mut not_shared = sample_case();
     not_shared["data"]["share_with_childshield"] = json!(false);
@@ -128,7 +133,7 @@ async fn a_case_not_shared_with_childshield_or_not_open_is_recorded_filtered_and
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(childshield.arrived(), 0, "a filtered case is not sent");
-    assert_eq!(primero.arrived(), 0);
+    assert_eq!(primero.requests().len(), 0);
     app.shutdown().await;
 }
 
@@ -139,7 +144,7 @@ async fn a_case_childshield_refuses_with_422_is_dead_and_primero_gets_one_sync_f
         422,
         r#"{"errors":[{"field":"child.date_of_birth","message":"date of birth is in the future"}]}"#,
     )));
-    let primero = Receiver::start().await;
+    let primero = Primero::start().await;
     let app = spawn(&childshield, &primero).await;
 
     let id = app.post_json(CHANNEL, &sample_case()).await;
@@ -147,15 +152,25 @@ async fn a_case_childshield_refuses_with_422_is_dead_and_primero_gets_one_sync_f
     let got = primero.wait_for(1, WAIT).await;
     assert_eq!(got[0].method, "PATCH");
     assert_eq!(
-        got[0].uri.path(),
+        got[0].path,
         "/api/v2/cases/b3222e84-a5d7-4692-a643-1ab3d41f17d6"
     );
-    assert_eq!(got[0].header("authorization"), Some(&*bearer()));
+    // The JWT hiway got by logging in as the example's integration user.
+    assert_eq!(primero.logins(), 1);
+    assert_eq!(got[0].status, 200, "Primero took the token");
+    assert!(
+        got[0]
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Bearer ey")),
+        "{:?}",
+        got[0].authorization
+    );
     assert_eq!(
-        got[0].header("idempotency-key"),
+        got[0].idempotency_key.as_deref(),
         Some(&*format!("{id}:sync-failed:0"))
     );
-    let body: Value = serde_json::from_slice(&got[0].body).expect("json body");
+    let body = &got[0].body;
     assert_eq!(body["data"]["childshield_sync_status"], "failed");
     let reason = body["data"]["childshield_sync_error"].as_str().unwrap();
     assert!(
@@ -201,7 +216,7 @@ async fn a_case_childshield_refuses_with_422_is_dead_and_primero_gets_one_sync_f
 
     // Exactly one PATCH, and ChildShield was not asked again: a 422 is final.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(primero.arrived(), 1);
+    assert_eq!(primero.requests().len(), 1);
     assert_eq!(childshield.arrived(), 1);
     app.shutdown().await;
 }
@@ -213,7 +228,7 @@ async fn a_case_childshield_already_holds_is_delivered_with_its_409_and_primero_
         409,
         r#"{"errors":[{"field":"case_ref","message":"case already exists"}]}"#,
     )));
-    let primero = Receiver::start().await;
+    let primero = Primero::start().await;
     let app = spawn(&childshield, &primero).await;
 
     let id = app.post_json(CHANNEL, &sample_case()).await;
@@ -243,14 +258,18 @@ async fn a_case_childshield_already_holds_is_delivered_with_its_409_and_primero_
         1,
         "a delivered case is not sent again"
     );
-    assert_eq!(primero.arrived(), 0, "Primero is not told the sync failed");
+    assert_eq!(
+        primero.requests().len(),
+        0,
+        "Primero is not told the sync failed"
+    );
     app.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_case_with_a_code_missing_from_the_labels_is_dead_naming_the_code_and_is_not_sent() {
     let childshield = Receiver::start().await;
-    let primero = Receiver::start().await;
+    let primero = Primero::start().await;
     let app = spawn(&childshield, &primero).await;
     let mut case = sample_case();
     case["data"]["protection_concerns"] = json!(["unaccompanied", "forced_marriage"]);
@@ -279,7 +298,7 @@ async fn a_case_with_a_code_missing_from_the_labels_is_dead_naming_the_code_and_
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(childshield.arrived(), 0);
     assert_eq!(
-        primero.arrived(),
+        primero.requests().len(),
         0,
         "only copies that died at ChildShield are reported to Primero"
     );

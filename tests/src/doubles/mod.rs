@@ -5,3 +5,4 @@
 pub mod dhis2;
 pub mod fhir;
 pub mod openmrs;
+pub mod primero;

@@ -150,7 +150,7 @@ pub(crate) async fn send(destination: &Destination, envelope: &Envelope, body: B
         Ok(r) => r,
         Err(outcome) => return outcome,
     };
-    let answer = match http::exchange(request.body(body)).await {
+    let answer = match http::exchange(destination, request.body(body)).await {
         Ok(a) => a,
         Err(outcome) => return outcome,
     };
@@ -381,8 +381,11 @@ fn read_job_result(id: &str, answer: &Answer) -> Outcome {
 
 async fn get(destination: &Destination, url: Url) -> Result<Answer, Outcome> {
     // The same credentials as the import: DHIS2 shows a job only to the user who started it.
-    http::exchange(http::request(destination, Method::GET, url).header(ACCEPT, "application/json"))
-        .await
+    http::exchange(
+        destination,
+        http::request(destination, Method::GET, url).header(ACCEPT, "application/json"),
+    )
+    .await
 }
 
 /// Whether a job's notifications include the one marking it completed (DHIS2 lists them

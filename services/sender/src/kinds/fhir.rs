@@ -67,7 +67,7 @@ pub(crate) async fn send(destination: &Destination, envelope: &Envelope, body: B
     let mut fhir = HeaderMap::new();
     fhir.insert(CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     fhir.insert(ACCEPT, HeaderValue::from_static(FHIR_JSON));
-    let answer = match exchange(request.headers(fhir).body(body.clone())).await {
+    let answer = match exchange(destination, request.headers(fhir).body(body.clone())).await {
         Ok(a) => a,
         Err(outcome) => return outcome,
     };

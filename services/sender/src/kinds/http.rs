@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use hiway_proto::{Envelope, headers};
-use reqwest::header::{CONTENT_TYPE, HeaderMap};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 
 use crate::destination::Destination;
@@ -28,7 +28,7 @@ pub(crate) async fn send(destination: &Destination, envelope: &Envelope, body: B
         Ok(r) => r,
         Err(outcome) => return outcome,
     };
-    match exchange(request.body(body)).await {
+    match exchange(destination, request.body(body)).await {
         Ok(a) => outcome::classify_http(
             a.status,
             &a.headers,
@@ -66,8 +66,35 @@ pub(crate) fn request(destination: &Destination, method: Method, url: Url) -> Re
         .headers(destination.headers.clone())
 }
 
-/// Sends a request and reads the whole answer; a transport failure is already an outcome.
-pub(crate) async fn exchange(request: RequestBuilder) -> Result<Answer, Outcome> {
+/// Sends a request to the destination with its credentials and reads the whole answer; a
+/// transport failure is already an outcome.
+///
+/// For a destination the sender logs in to ([`crate::login`]), the current token goes on the
+/// request, and a 401 answer gets one new login and one repeat of the request.
+pub(crate) async fn exchange(
+    destination: &Destination,
+    request: RequestBuilder,
+) -> Result<Answer, Outcome> {
+    let Some(login) = &destination.login else {
+        return send_once(request).await;
+    };
+    // Bodies here are whole bytes, so the request can always be repeated.
+    let repeat = request.try_clone();
+    let token = login.authorization(&destination.client).await?;
+    let answer = send_once(request.header(AUTHORIZATION, token.clone())).await?;
+    match repeat {
+        Some(repeat) if answer.status == StatusCode::UNAUTHORIZED => {
+            tracing::info!(destination = %destination.name, "401 with the current token: logging in again");
+            let token = login.renew(&destination.client, &token).await?;
+            send_once(repeat.header(AUTHORIZATION, token)).await
+        }
+        _ => Ok(answer),
+    }
+}
+
+/// Sends a request as it is and reads the whole answer; a transport failure is already an
+/// outcome.
+pub(crate) async fn send_once(request: RequestBuilder) -> Result<Answer, Outcome> {
     let response = request
         .send()
         .await

@@ -567,25 +567,27 @@ impl Run<'_> {
                 .header(headers::HTTP_IDEMPOTENCY_KEY, key)
                 .body(body.to_string());
         }
-        exchange(builder).await.map_err(|outcome| {
-            let (status, reason, retry_after) = match outcome {
-                Outcome::Retry {
+        exchange(self.destination, builder)
+            .await
+            .map_err(|outcome| {
+                let (status, reason, retry_after) = match outcome {
+                    Outcome::Retry {
+                        status,
+                        error,
+                        retry_after,
+                    } => (status, error, retry_after),
+                    Outcome::Permanent { status, error } => (status, error, None),
+                    Outcome::Delivered { status } => (Some(status), String::new(), None),
+                };
+                Failure {
+                    step: step.name.clone(),
+                    request: what.to_owned(),
+                    severity: Severity::Transient,
                     status,
-                    error,
                     retry_after,
-                } => (status, error, retry_after),
-                Outcome::Permanent { status, error } => (status, error, None),
-                Outcome::Delivered { status } => (Some(status), String::new(), None),
-            };
-            Failure {
-                step: step.name.clone(),
-                request: what.to_owned(),
-                severity: Severity::Transient,
-                status,
-                retry_after,
-                reason,
-            }
-        })
+                    reason,
+                }
+            })
     }
 
     /// A non-2xx answer as a failure: how bad it is, and OpenMRS's own words.
