@@ -6,6 +6,7 @@
 
 mod acks;
 mod audit_batch;
+mod audit_store;
 mod bus;
 mod cli;
 mod dhis2;

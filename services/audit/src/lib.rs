@@ -222,7 +222,7 @@ impl Writer {
             let mut wait = Duration::from_millis(100);
             let mut give_up: Option<Instant> = None;
             loop {
-                match store::insert_events(&self.pool, events).await {
+                match store::insert_batch(&self.pool, events).await {
                     Ok(_) => return true,
                     Err(error) => {
                         tracing::warn!(%error, retry_in = ?wait, "cannot write the audit batch; holding it until PostgreSQL answers");
