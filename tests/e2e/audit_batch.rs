@@ -9,7 +9,8 @@ use hiway_proto::audit::{AuditBatch, AuditEvent, AuditKind};
 use hiway_runtime::{AuditBatcher, Broker};
 use lapin::options::BasicGetOptions;
 
-fn event() -> AuditEvent {
+/// An audit event of a new message, recorded by the service "test".
+pub(crate) fn event() -> AuditEvent {
     AuditEvent::now(
         MessageId::generate(),
         "test",

@@ -2,19 +2,10 @@
 //! fallback when the broker redelivers a batch that was already committed.
 
 use hiway_audit::store::insert_batch;
-use hiway_proto::MessageId;
-use hiway_proto::audit::{AuditEvent, AuditKind};
+use hiway_proto::audit::AuditEvent;
 use hiway_tests::TestHiway;
 
-fn event() -> AuditEvent {
-    AuditEvent::now(
-        MessageId::generate(),
-        "test",
-        AuditKind::Unrouted {
-            channel: "forms".parse().unwrap(),
-        },
-    )
-}
+use crate::audit_batch::event;
 
 async fn stored(app: &TestHiway) -> Vec<uuid::Uuid> {
     sqlx::query_scalar("select event_id from audit_events where service = 'test' order by event_id")

@@ -63,17 +63,8 @@ impl Receiver {
     pub async fn start_on(port: u16) -> Self {
         let inner = Arc::new(Inner::default());
         let app = Router::new().fallback(record).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .expect("bind receiver");
-        let addr = listener.local_addr().expect("receiver address");
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await;
-        });
+        let (listener, addr) = crate::doubles::bind("receiver", port).await;
+        let stop = crate::doubles::serve(listener, app);
         Self { addr, inner, stop }
     }
 

@@ -159,24 +159,9 @@ impl Login {
 
     /// A failed login as the outcome of the message that needed it, saying so.
     fn failed(&self, outcome: Outcome) -> Outcome {
-        let context =
-            |error: String| format!("logging in at {} as {:?}: {error}", self.url, self.username);
-        match outcome {
-            Outcome::Retry {
-                status,
-                error,
-                retry_after,
-            } => Outcome::Retry {
-                status,
-                error: context(error),
-                retry_after,
-            },
-            Outcome::Permanent { status, error } => Outcome::Permanent {
-                status,
-                error: context(error),
-            },
-            delivered @ Outcome::Delivered { .. } => delivered,
-        }
+        outcome.in_context(|error| {
+            format!("logging in at {} as {:?}: {error}", self.url, self.username)
+        })
     }
 }
 

@@ -48,6 +48,27 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The same outcome with its error text put in context (`context` gets the text and
+    /// returns the new one), so a reason says which step failed; a delivery is unchanged.
+    pub fn in_context(self, context: impl FnOnce(String) -> String) -> Outcome {
+        match self {
+            Outcome::Retry {
+                status,
+                error,
+                retry_after,
+            } => Outcome::Retry {
+                status,
+                error: context(error),
+                retry_after,
+            },
+            Outcome::Permanent { status, error } => Outcome::Permanent {
+                status,
+                error: context(error),
+            },
+            delivered @ Outcome::Delivered { .. } => delivered,
+        }
+    }
+
     /// The HTTP status of the attempt, if there was an answer.
     pub fn status(&self) -> Option<u16> {
         match self {

@@ -207,10 +207,7 @@ impl Dhis2 {
 
     /// Starts a double set up as `options` on a free port.
     pub async fn start_with(options: Options) -> Self {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind the dhis2 double");
-        let addr = listener.local_addr().expect("dhis2 double address");
+        let (listener, addr) = super::bind("dhis2", 0).await;
         let store = Store {
             polls_before_completed: options.polls_before_completed,
             ..Store::default()
@@ -223,13 +220,7 @@ impl Dhis2 {
         // One handler that dispatches on the path itself: every request, routed or not, is
         // recorded and authenticated the same way before anything else.
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await;
-        });
+        let stop = super::serve(listener, app);
         Self { inner, stop }
     }
 

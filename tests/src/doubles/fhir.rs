@@ -154,17 +154,8 @@ impl FhirServer {
             .merge(api.clone())
             .nest("/fhir", api)
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind the fhir double");
-        let addr = listener.local_addr().expect("fhir double address");
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await;
-        });
+        let (listener, addr) = super::bind("fhir", 0).await;
+        let stop = super::serve(listener, app);
         Self { addr, inner, stop }
     }
 

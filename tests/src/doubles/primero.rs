@@ -79,17 +79,8 @@ impl Primero {
     pub async fn start() -> Self {
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new().fallback(handle).with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
-            .await
-            .expect("bind the Primero double");
-        let addr = listener.local_addr().expect("Primero double address");
-        let stop = CancellationToken::new();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await;
-        });
+        let (listener, addr) = super::bind("Primero", 0).await;
+        let stop = super::serve(listener, app);
         Self { addr, inner, stop }
     }
 

@@ -416,27 +416,11 @@ fn outcome_unknown(id: &str, answer: &Answer) -> Outcome {
 /// A poll that failed: a transport error or 5xx is retried like any other, a refusal (401,
 /// 403) is permanent, and either way the error says it was the poll that failed.
 fn polling_failed(id: &str, outcome: Outcome) -> Outcome {
-    let context = |error: String| {
+    outcome.in_context(|error| {
         format!(
             "polling DHIS2 import job {id} (the import was accepted, its outcome unknown): {error}"
         )
-    };
-    match outcome {
-        Outcome::Retry {
-            status,
-            error,
-            retry_after,
-        } => Outcome::Retry {
-            status,
-            error: context(error),
-            retry_after,
-        },
-        Outcome::Permanent { status, error } => Outcome::Permanent {
-            status,
-            error: context(error),
-        },
-        delivered @ Outcome::Delivered { .. } => delivered,
-    }
+    })
 }
 
 fn classify_plain(answer: &Answer) -> Outcome {
