@@ -948,6 +948,17 @@ impl Config {
                 }
             }
             if let Some(auth) = &d.auth {
+                // Both would go out: two Authorization headers, which servers read differently.
+                if let Some(header) = d
+                    .headers
+                    .keys()
+                    .find(|h| h.eq_ignore_ascii_case("authorization"))
+                {
+                    err(
+                        format!("destinations.{name}.headers"),
+                        format!("{header:?} and auth both set the Authorization header: keep one"),
+                    );
+                }
                 let (key, secret) = auth.secret();
                 if let Err(e) = secret.resolve() {
                     err(format!("destinations.{name}.auth.{key}"), e);

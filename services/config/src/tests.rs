@@ -308,3 +308,29 @@ fn a_primero_login_refreshes_its_token_after_50_minutes_unless_told_otherwise() 
         "{err}"
     );
 }
+
+#[test]
+fn an_authorization_header_beside_auth_is_refused_naming_both() {
+    let toml = valid().replace(
+        "[destinations.dhis2]\n",
+        "[destinations.dhis2]\nheaders = { authorization = \"Bearer other\" }\n",
+    );
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "destinations.dhis2.headers: \"authorization\" and auth both set the Authorization header"
+        ),
+        "{err}"
+    );
+
+    // Without auth, a header of one's own is how a destination is authenticated.
+    let toml = valid().replace(
+        "auth = { type = \"bearer\", token = { value = \"t0ken\" } }\n",
+        "headers = { Authorization = \"Bearer mine\" }\n",
+    );
+    assert!(
+        toml.contains("Bearer mine") && !toml.contains("t0ken"),
+        "{toml}"
+    );
+    assert!(Config::from_toml(&toml).is_ok());
+}
