@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 /// One request the double received.
 #[derive(Clone, Debug)]
@@ -49,7 +49,8 @@ struct Inner {
 pub struct Receiver {
     addr: SocketAddr,
     inner: Arc<Inner>,
-    stop: CancellationToken,
+    /// Stops the server when the double is dropped.
+    _stop: DropGuard,
 }
 
 impl Receiver {
@@ -65,7 +66,11 @@ impl Receiver {
         let app = Router::new().fallback(record).with_state(inner.clone());
         let (listener, addr) = crate::doubles::bind("receiver", port).await;
         let stop = crate::doubles::serve(listener, app);
-        Self { addr, inner, stop }
+        Self {
+            addr,
+            inner,
+            _stop: stop,
+        }
     }
 
     /// The port it listens on.
@@ -126,12 +131,6 @@ impl Receiver {
             },
         )
         .await
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

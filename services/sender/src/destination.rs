@@ -96,45 +96,41 @@ impl Destination {
         }
         let mut login = None;
         if let Some(auth) = &config.auth {
-            let secret_error = |reason| DestinationError::Secret {
-                destination: name.clone(),
-                reason,
-            };
-            let value = match auth {
+            let secret = auth
+                .secret()
+                .1
+                .resolve()
+                .map_err(|reason| DestinationError::Secret {
+                    destination: name.clone(),
+                    reason,
+                })?;
+            let secret = secret.expose();
+            // Every kind but a login sends the same credentials on every request.
+            let fixed = match auth {
                 DestinationAuth::Primero {
                     username,
-                    password,
                     token_url,
                     refresh_after,
+                    ..
                 } => {
-                    let password = password.resolve().map_err(secret_error)?;
                     login = Some(Login::primero(
                         &config.url,
                         token_url.as_ref(),
                         username,
-                        password.expose(),
+                        secret,
                         *refresh_after,
                     ));
                     None
                 }
-                DestinationAuth::Basic { username, password } => {
-                    let password = password.resolve().map_err(secret_error)?;
-                    let raw = format!("{username}:{}", password.expose());
-                    Some(format!(
-                        "Basic {}",
-                        base64::engine::general_purpose::STANDARD.encode(raw)
-                    ))
-                }
-                DestinationAuth::Bearer { token } => Some(format!(
-                    "Bearer {}",
-                    token.resolve().map_err(secret_error)?.expose()
+                DestinationAuth::Basic { username, .. } => Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD
+                        .encode(format!("{username}:{secret}"))
                 )),
-                DestinationAuth::ApiToken { token } => Some(format!(
-                    "ApiToken {}",
-                    token.resolve().map_err(secret_error)?.expose()
-                )),
+                DestinationAuth::Bearer { .. } => Some(format!("Bearer {secret}")),
+                DestinationAuth::ApiToken { .. } => Some(format!("ApiToken {secret}")),
             };
-            if let Some(value) = value {
+            if let Some(value) = fixed {
                 let mut value = HeaderValue::try_from(value).map_err(|_| {
                     header_error("the credentials are not valid in a header".into())
                 })?;

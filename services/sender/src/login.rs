@@ -80,24 +80,10 @@ impl Login {
         }
     }
 
-    /// Where it logs in.
-    pub fn url(&self) -> &Url {
-        &self.url
-    }
-
     /// The `Authorization` value to send now: the current token, or a new one when there is
     /// none yet or it is `refresh_after` old.
     pub async fn authorization(&self, client: &Client) -> Result<HeaderValue, Outcome> {
-        let mut current = self.current.lock().await;
-        match &*current {
-            Some(token) if token.issued.elapsed() < self.refresh_after => Ok(token.header.clone()),
-            _ => {
-                let token = self.log_in(client).await?;
-                let header = token.header.clone();
-                *current = Some(token);
-                Ok(header)
-            }
-        }
+        self.token(client, None).await
     }
 
     /// The destination answered 401 to a request sent with `refused`: the value to repeat it
@@ -107,13 +93,25 @@ impl Login {
         client: &Client,
         refused: &HeaderValue,
     ) -> Result<HeaderValue, Outcome> {
+        self.token(client, Some(refused)).await
+    }
+
+    /// The current token, unless it is `refresh_after` old or is the one just `refused`; then
+    /// a new one. The lock is held through the login, so the requests in flight share it.
+    async fn token(
+        &self,
+        client: &Client,
+        refused: Option<&HeaderValue>,
+    ) -> Result<HeaderValue, Outcome> {
         let mut current = self.current.lock().await;
-        if let Some(token) = &*current
-            && token.header != refused
-        {
-            return Ok(token.header.clone());
+        if let Some(token) = &*current {
+            if refused == Some(&token.header) {
+                // Known bad: never offered again, even if the login below fails.
+                *current = None;
+            } else if token.issued.elapsed() < self.refresh_after {
+                return Ok(token.header.clone());
+            }
         }
-        *current = None;
         let token = self.log_in(client).await?;
         let header = token.header.clone();
         *current = Some(token);
@@ -135,7 +133,7 @@ impl Login {
             Outcome::Delivered { status } => {
                 // Primero puts the JWT in the answer's Authorization header; the body only
                 // names the user.
-                let header = answer
+                let mut header = answer
                     .headers
                     .get(AUTHORIZATION)
                     .filter(|v| v.as_bytes().starts_with(b"Bearer ") && v.len() > 7)
@@ -148,7 +146,6 @@ impl Login {
                             self.url, self.username
                         ),
                     })?;
-                let mut header = header;
                 header.set_sensitive(true);
                 tracing::info!(url = %self.url, user = %self.username, "logged in");
                 Ok(Token { header, issued })
@@ -174,13 +171,13 @@ mod tests {
         let base = Url::parse("https://primero.example.org/api/v2/?x=1").unwrap();
         let login = Login::primero(&base, None, "bot", "pw", Duration::from_secs(60));
         assert_eq!(
-            login.url().as_str(),
+            login.url.as_str(),
             "https://primero.example.org/api/v2/tokens"
         );
 
         let own = Url::parse("https://auth.example.org/primero/api/v2/tokens").unwrap();
         let login = Login::primero(&base, Some(&own), "bot", "pw", Duration::from_secs(60));
-        assert_eq!(login.url(), &own);
+        assert_eq!(login.url, own);
     }
 
     #[test]

@@ -34,7 +34,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 use crate::Received;
 
@@ -196,7 +196,8 @@ impl Inner {
 /// The double. Dropping it stops the server.
 pub struct Dhis2 {
     inner: Arc<Inner>,
-    stop: CancellationToken,
+    /// Stops the server when the double is dropped.
+    _stop: DropGuard,
 }
 
 impl Dhis2 {
@@ -221,7 +222,7 @@ impl Dhis2 {
         // recorded and authenticated the same way before anything else.
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let stop = super::serve(listener, app);
-        Self { inner, stop }
+        Self { inner, _stop: stop }
     }
 
     /// The URL of `path` on this double (`/api/dataValueSets`, …).
@@ -285,12 +286,6 @@ impl Dhis2 {
     /// polled from now on.
     pub fn set_polls_before_completed(&self, n: u32) {
         self.inner.store().polls_before_completed = n;
-    }
-}
-
-impl Drop for Dhis2 {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

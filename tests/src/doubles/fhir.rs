@@ -34,7 +34,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 // chrono through sqlx's re-export: no new dependency for one timestamp format.
 use sqlx::types::chrono::Utc;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 use crate::Received;
 
@@ -139,7 +139,8 @@ struct Inner {
 pub struct FhirServer {
     addr: SocketAddr,
     inner: Arc<Inner>,
-    stop: CancellationToken,
+    /// Stops the server when the double is dropped.
+    _stop: DropGuard,
 }
 
 impl FhirServer {
@@ -156,7 +157,11 @@ impl FhirServer {
             .with_state(inner.clone());
         let (listener, addr) = super::bind("fhir", 0).await;
         let stop = super::serve(listener, app);
-        Self { addr, inner, stop }
+        Self {
+            addr,
+            inner,
+            _stop: stop,
+        }
     }
 
     /// The FHIR base URL (where transactions are posted).
@@ -199,12 +204,6 @@ impl FhirServer {
             },
         )
         .await
-    }
-}
-
-impl Drop for FhirServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

@@ -10,7 +10,7 @@ pub mod primero;
 use std::net::SocketAddr;
 
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Binds 127.0.0.1:`port` (0: any free port) for the double named `what`.
 pub(crate) async fn bind(what: &str, port: u16) -> (TcpListener, SocketAddr) {
@@ -23,9 +23,9 @@ pub(crate) async fn bind(what: &str, port: u16) -> (TcpListener, SocketAddr) {
     (listener, addr)
 }
 
-/// Serves `app` on `listener` until the token returned is cancelled (by the double's `Drop`),
-/// finishing the requests in hand.
-pub(crate) fn serve(listener: TcpListener, app: axum::Router) -> CancellationToken {
+/// Serves `app` on `listener` until the guard returned is dropped (with the double that holds
+/// it), finishing the requests in hand.
+pub(crate) fn serve(listener: TcpListener, app: axum::Router) -> DropGuard {
     let stop = CancellationToken::new();
     let s = stop.clone();
     tokio::spawn(async move {
@@ -33,5 +33,5 @@ pub(crate) fn serve(listener: TcpListener, app: axum::Router) -> CancellationTok
             .with_graceful_shutdown(s.cancelled_owned())
             .await;
     });
-    stop
+    stop.drop_guard()
 }

@@ -36,7 +36,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Map, Value, json};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 /// The user the double accepts.
 pub const USERNAME: &str = "admin";
@@ -187,7 +187,8 @@ struct Inner {
 pub struct OpenMrs {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
-    stop: CancellationToken,
+    /// Stops the server when the double is dropped.
+    _stop: DropGuard,
 }
 
 impl OpenMrs {
@@ -197,7 +198,11 @@ impl OpenMrs {
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (listener, addr) = super::bind("OpenMRS", 0).await;
         let stop = super::serve(listener, app);
-        Self { addr, inner, stop }
+        Self {
+            addr,
+            inner,
+            _stop: stop,
+        }
     }
 
     /// The REST base URL, `http://127.0.0.1:<port>/openmrs/ws/rest/v1/`: a destination's
@@ -257,12 +262,6 @@ impl OpenMrs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("OpenMRS double lock")
-    }
-}
-
-impl Drop for OpenMrs {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 

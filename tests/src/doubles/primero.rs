@@ -32,7 +32,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 
 /// The user the double accepts.
 pub const USERNAME: &str = "integration.bot";
@@ -71,7 +71,8 @@ struct Inner {
 pub struct Primero {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
-    stop: CancellationToken,
+    /// Stops the server when the double is dropped.
+    _stop: DropGuard,
 }
 
 impl Primero {
@@ -81,7 +82,11 @@ impl Primero {
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let (listener, addr) = super::bind("Primero", 0).await;
         let stop = super::serve(listener, app);
-        Self { addr, inner, stop }
+        Self {
+            addr,
+            inner,
+            _stop: stop,
+        }
     }
 
     /// `http://127.0.0.1:<port><path>`.
@@ -125,12 +130,6 @@ impl Primero {
             },
         )
         .await
-    }
-}
-
-impl Drop for Primero {
-    fn drop(&mut self) {
-        self.stop.cancel();
     }
 }
 
