@@ -34,7 +34,10 @@
 # answers (e.g. Docker): it is used as is and not installed.
 #
 # Environment:
-#   HIWAY_DEPS_TIMEOUT  seconds to wait for each service to start (default 180)
+#   HIWAY_DEPS_TIMEOUT      seconds to wait for each service to start (default 180)
+#   HIWAY_DEPS_MIN_FREE_MB  warn when less disk than this is free for RabbitMQ,
+#                           PostgreSQL or the build tree (default 2048); the
+#                           script also warns when RabbitMQ reports an alarm
 
 set -euo pipefail
 
@@ -373,6 +376,37 @@ SQL
     [[ "$encoding" == UTF8 ]] ||
         warn "template1 has encoding $encoding, not UTF8: databases the tests create will inherit it"
     log "PostgreSQL ${PG_VER} is ready on 127.0.0.1:${PG_PORT}; role ${PG_USER} (LOGIN CREATEDB) and database ${PG_DB} exist"
+fi
+
+# ---------------------------------------------------------------------------
+# 4. Room to work: a full disk looks like a broker outage.
+# ---------------------------------------------------------------------------
+# RabbitMQ blocks every publisher once its free disk falls under its limit, so
+# ingress answers 503 and dozens of tests fail as if the broker were down;
+# PostgreSQL stops writing. A debug build tree grows by tens of gigabytes, so
+# say so before the tests do. Warnings only: the services are up.
+readonly MIN_FREE_MB="${HIWAY_DEPS_MIN_FREE_MB:-2048}"
+# One warning per filesystem, naming what lives on it.
+declare -A low_disk=() low_disk_free=()
+warn_low_disk() {
+    local dir=$1 what=$2 avail mount
+    [[ -d "$dir" ]] || return 0
+    avail="$(df --output=avail -BM "$dir" 2>/dev/null | tail -n 1 | tr -dc '0-9')"
+    mount="$(df --output=target "$dir" 2>/dev/null | tail -n 1)"
+    [[ -n "$avail" && -n "$mount" ]] || return 0
+    if ((avail < MIN_FREE_MB)); then
+        low_disk["$mount"]="${low_disk[$mount]:+${low_disk[$mount]}, }${what} (${dir})"
+        low_disk_free["$mount"]=$avail
+    fi
+}
+warn_low_disk /var/lib/rabbitmq "RabbitMQ's data"
+warn_low_disk /var/lib/postgresql "PostgreSQL's data"
+warn_low_disk "$PWD" "this tree"
+for mount in "${!low_disk[@]}"; do
+    warn "only ${low_disk_free[$mount]} MB free on ${mount}, which holds ${low_disk[$mount]}. Near full, RabbitMQ's disk alarm blocks publishers (ingress answers 503, tests fail as if the broker were down) and PostgreSQL stops writing; free space first (cargo clean, or rm -rf target/debug/incremental)."
+done
+if [[ "$RABBIT_EXTERNAL" -eq 0 ]] && ! rabbitmq-diagnostics -q check_alarms >/dev/null 2>&1; then
+    warn "RabbitMQ reports an alarm and blocks publishers until it clears: $(rabbitmq-diagnostics -q alarms 2>&1 | tr '\n' ' ')"
 fi
 
 print_urls
