@@ -16,5 +16,6 @@ mod fhir;
 mod ingress;
 mod openmrs;
 mod primero;
+mod retention;
 mod senders;
 mod transforms;

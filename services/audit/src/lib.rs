@@ -10,6 +10,7 @@
 
 mod dead;
 pub mod dlq;
+pub mod retention;
 pub mod store;
 
 use std::time::Duration;
@@ -64,6 +65,8 @@ pub struct Audit {
     flush_interval: Duration,
     prefetch: u16,
     drain: Duration,
+    retention: Duration,
+    prune_interval: Duration,
 }
 
 /// Connects to PostgreSQL (applying migrations) and to the broker.
@@ -80,6 +83,8 @@ pub async fn build(config: &Config) -> Result<Audit, Error> {
         flush_interval: config.audit.flush_interval,
         prefetch: config.audit.prefetch,
         drain: config.shutdown.drain_timeout,
+        retention: config.audit.retention,
+        prune_interval: config.audit.prune_interval,
     })
 }
 
@@ -97,10 +102,22 @@ impl Audit {
             flush_interval: self.flush_interval,
             drain: self.drain,
         };
+        // Pruning runs beside the writer, on the same pool, independent of the broker.
+        let pruner = (!self.retention.is_zero()).then(|| {
+            tokio::spawn(retention::run(
+                self.pool.clone(),
+                self.retention,
+                self.prune_interval,
+                stop.clone(),
+            ))
+        });
         let mut connections = Reconnect::new(&self.broker, "hiway-audit", self.connection, &stop);
         while let Some(conn) = connections.next().await {
             let ended = session(&self.broker, &conn, &writer, self.prefetch, &stop).await;
             connections.ended(conn, ended).await;
+        }
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
         }
         self.pool.close().await;
         tracing::info!("audit stopped");

@@ -189,7 +189,17 @@ pub struct AuditConfig {
     pub flush_interval: Duration,
     /// Unacknowledged audit messages held at once.
     pub prefetch: u16,
+    /// How long audit events and settled dead letters are kept; zero keeps them for ever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the audit service deletes what is older than `retention`.
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
 }
+
+/// The shortest `audit.retention` other than zero. A shorter one is more likely a slip
+/// ("90m" for "90d") than a wish, and would delete nearly the whole trail.
+pub const MIN_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// `[shutdown]`
 #[derive(Clone, Debug, Deserialize)]
@@ -763,10 +773,20 @@ impl Config {
                 self.transformer.lookup_reload_interval,
             ),
             ("audit.flush_interval", self.audit.flush_interval),
+            ("audit.prune_interval", self.audit.prune_interval),
         ] {
             if d.is_zero() {
                 err(key.into(), "must be longer than zero".into());
             }
+        }
+        if !self.audit.retention.is_zero() && self.audit.retention < MIN_RETENTION {
+            err(
+                "audit.retention".into(),
+                format!(
+                    "{} would delete nearly the whole trail; use at least 1d, or 0s to keep it for ever",
+                    humantime::format_duration(self.audit.retention)
+                ),
+            );
         }
         if self.broker.reconnect_max < self.broker.reconnect_min {
             err(

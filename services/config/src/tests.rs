@@ -334,3 +334,42 @@ fn an_authorization_header_beside_auth_is_refused_naming_both() {
     );
     assert!(Config::from_toml(&toml).is_ok());
 }
+
+#[test]
+fn the_audit_trail_is_kept_for_ever_unless_a_retention_is_set() {
+    let config = Config::from_toml(&valid()).unwrap();
+    assert!(config.audit.retention.is_zero());
+    assert_eq!(config.audit.prune_interval, Duration::from_secs(3600));
+
+    let toml = format!("{}\n[audit]\nretention = \"90d\"\n", valid());
+    assert_eq!(
+        Config::from_toml(&toml).unwrap().audit.retention,
+        Duration::from_secs(90 * 24 * 3600)
+    );
+}
+
+#[test]
+fn a_retention_under_a_day_is_refused_as_a_likely_slip_naming_the_key() {
+    // "90m" for "90d": ninety minutes would delete nearly the whole trail.
+    let toml = format!("{}\n[audit]\nretention = \"90m\"\n", valid());
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("audit.retention"), "{err}");
+    assert!(
+        err.contains("1h 30m would delete nearly the whole trail"),
+        "{err}"
+    );
+    assert!(err.contains("at least 1d, or 0s"), "{err}");
+
+    let toml = format!("{}\n[audit]\nretention = \"1d\"\n", valid());
+    assert!(Config::from_toml(&toml).is_ok());
+}
+
+#[test]
+fn a_prune_interval_of_zero_is_refused_naming_the_key() {
+    let toml = format!("{}\n[audit]\nprune_interval = \"0s\"\n", valid());
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(
+        err.contains("audit.prune_interval: must be longer than zero"),
+        "{err}"
+    );
+}
