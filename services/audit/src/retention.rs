@@ -130,10 +130,15 @@ const DELETE_DEAD_LETTERS: &str = "
 /// shorter) and then every `interval`, until `stop`. A failed prune is logged and tried again
 /// next round: the rows wait, nothing else does.
 pub async fn run(pool: PgPool, retention: Duration, interval: Duration, stop: CancellationToken) {
-    let Ok(retention) = chrono::Duration::from_std(retention) else {
-        tracing::error!(
+    // A retention reaching back past the calendar chrono knows (about 262,000 years) keeps
+    // everything: nothing can be that old.
+    let Some(reach) = chrono::Duration::from_std(retention)
+        .ok()
+        .filter(|r| Utc::now().checked_sub_signed(*r).is_some())
+    else {
+        tracing::info!(
             ?retention,
-            "audit.retention is too long to compute a date; nothing is pruned"
+            "audit.retention reaches back past any date; nothing is pruned"
         );
         return;
     };
@@ -146,7 +151,9 @@ pub async fn run(pool: PgPool, retention: Duration, interval: Duration, stop: Ca
             _ = tokio::time::sleep(wait) => {}
         }
         wait = interval;
-        let before = Utc::now() - retention;
+        let Some(before) = Utc::now().checked_sub_signed(reach) else {
+            continue;
+        };
         match prune(&pool, before, &stop).await {
             Ok(p) if p == Pruned::default() => {
                 tracing::debug!(%before, "nothing older than the retention to prune");
@@ -161,5 +168,28 @@ pub async fn run(pool: PgPool, retention: Duration, interval: Duration, stop: Ca
                 tracing::warn!(%error, %before, "could not prune the audit trail; trying again next round");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_retention_reaching_past_any_date_keeps_everything_and_ends_the_job() {
+        // Never connected: the job must end before it would touch the database.
+        let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").unwrap();
+        let three_hundred_thousand_years = Duration::from_secs(300_000 * 365 * 24 * 3600);
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            run(
+                pool,
+                three_hundred_thousand_years,
+                Duration::from_millis(1),
+                CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("the job ends at once");
     }
 }
