@@ -275,3 +275,57 @@ transform = '''
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_on_dead_queue_left_by_an_earlier_configuration_stops_collecting_dead_letters() {
+    let app = TestHiway::spawn_with(
+        "[channels.forms]\nclients = [\"source\"]\n",
+        hiway_tests::Services {
+            transformer: false,
+            ..hiway_tests::Services::ALL
+        },
+    )
+    .await;
+    // An earlier configuration had an on-dead route: its queue is there, bound to the
+    // dead-letter exchange.
+    let names = app.names();
+    let connection = lapin::Connection::connect(app.config.broker.url.expose(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    hiway_proto::topology::declare_on_dead(&channel, &names, app.config.broker.delivery_limit)
+        .await
+        .unwrap();
+
+    // This configuration has none. Once the transformer routes a message, it has retired the
+    // queue (it does so before it takes its first delivery).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let transformer = hiway_transformer::build(&app.config).await.unwrap();
+    let running = tokio::spawn(transformer.run(stop.clone()));
+    let id = app.post_json("forms", &json!({"form": 1})).await;
+    app.wait_for_trail(id, &["received", "unrouted"]).await;
+
+    // A dead letter now is stored, and no copy of it waits in the on-dead queue.
+    channel
+        .basic_publish(
+            names.dead_exchange().as_str().into(),
+            "forms".into(),
+            lapin::options::BasicPublishOptions::default(),
+            b"dead body",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually("the dead letter is stored", WAIT, || async {
+        (app.dead_letters("dead").await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(app.queue_depth(&names.on_dead_queue()).await, 0);
+
+    let _ = connection.close(200, "".into()).await;
+    stop.cancel();
+    running.await.unwrap().unwrap();
+    app.shutdown().await;
+}

@@ -25,13 +25,15 @@ use futures_util::future::join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
 use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead};
-use hiway_proto::{Envelope, RouteName, headers};
+use hiway_proto::{Envelope, Names, RouteName, headers};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
 use hiway_transform::{Applied, Input, Meta, Transforms};
 use lapin::Connection;
 use lapin::message::Delivery;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -188,6 +190,7 @@ async fn session(
         close_channel(&dead_channel).await;
         ended
     } else {
+        retire_on_dead(conn, names).await;
         ingress.await
     };
     // Every handler has settled; let the last audit batches be confirmed before the channel
@@ -197,6 +200,50 @@ async fn session(
     close_channel(&channel).await;
     publisher.close().await;
     ended
+}
+
+/// With no on-dead route left, stops the on-dead queue (if an earlier configuration made it)
+/// from collecting a copy of every dead letter that nobody reads any more: it would grow for
+/// ever. The copies already in it stay, for an on-dead route added again, until an operator
+/// deletes the queue, which the warning asks for at every start. Best effort: a failure here
+/// is logged and routing goes on.
+async fn retire_on_dead(conn: &Connection, names: &Names) {
+    let Ok(channel) = conn.create_channel().await else {
+        return;
+    };
+    let queue = names.on_dead_queue();
+    // Passive: it only asks whether the queue exists. When it does not (the usual case), the
+    // broker answers by closing this channel, which is all that happens.
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    if let Ok(found) = channel
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+    {
+        let unbound = channel
+            .queue_unbind(
+                queue.as_str().into(),
+                names.dead_exchange().into(),
+                "".into(),
+                FieldTable::default(),
+            )
+            .await;
+        match unbound {
+            Ok(()) => tracing::warn!(
+                %queue,
+                copies = found.message_count(),
+                "no route has on_dead any more, so this queue no longer receives dead letters; delete it once the copies in it are not needed"
+            ),
+            Err(error) => tracing::warn!(
+                %queue,
+                %error,
+                "no route has on_dead any more, but this queue could not be unbound from the dead-letter exchange: it keeps a copy of every dead letter until deleted"
+            ),
+        }
+    }
+    close_channel(&channel).await;
 }
 
 /// Where a handler's results go: copies and dead letters to the publisher, audit events to
