@@ -276,8 +276,10 @@ transform = '''
     app.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_on_dead_queue_left_by_an_earlier_configuration_stops_collecting_dead_letters() {
+/// A hiway whose configuration has no on-dead route, its transformer not started yet, with
+/// the on-dead queue an earlier configuration made (bound to the dead-letter exchange), and
+/// a channel to publish with.
+async fn with_on_dead_queue_left() -> (TestHiway, lapin::Connection, lapin::Channel) {
     let app = TestHiway::spawn_with(
         "[channels.forms]\nclients = [\"source\"]\n",
         hiway_tests::Services {
@@ -286,29 +288,25 @@ async fn an_on_dead_queue_left_by_an_earlier_configuration_stops_collecting_dead
         },
     )
     .await;
-    // An earlier configuration had an on-dead route: its queue is there, bound to the
-    // dead-letter exchange.
-    let names = app.names();
     let connection = lapin::Connection::connect(app.config.broker.url.expose(), Default::default())
         .await
         .unwrap();
     let channel = connection.create_channel().await.unwrap();
-    hiway_proto::topology::declare_on_dead(&channel, &names, app.config.broker.delivery_limit)
-        .await
-        .unwrap();
+    hiway_proto::topology::declare_on_dead(
+        &channel,
+        &app.names(),
+        app.config.broker.delivery_limit,
+    )
+    .await
+    .unwrap();
+    (app, connection, channel)
+}
 
-    // This configuration has none. Once the transformer routes a message, it has retired the
-    // queue (it does so before it takes its first delivery).
-    let stop = tokio_util::sync::CancellationToken::new();
-    let transformer = hiway_transformer::build(&app.config).await.unwrap();
-    let running = tokio::spawn(transformer.run(stop.clone()));
-    let id = app.post_json("forms", &json!({"form": 1})).await;
-    app.wait_for_trail(id, &["received", "unrouted"]).await;
-
-    // A dead letter now is stored, and no copy of it waits in the on-dead queue.
+/// Publishes a dead letter and waits until the audit service has stored it (the `n`th).
+async fn dead_letter(app: &TestHiway, channel: &lapin::Channel, n: usize) {
     channel
         .basic_publish(
-            names.dead_exchange().as_str().into(),
+            app.names().dead_exchange().as_str().into(),
             "forms".into(),
             lapin::options::BasicPublishOptions::default(),
             b"dead body",
@@ -319,11 +317,51 @@ async fn an_on_dead_queue_left_by_an_earlier_configuration_stops_collecting_dead
         .await
         .unwrap();
     eventually("the dead letter is stored", WAIT, || async {
-        (app.dead_letters("dead").await.len() == 1).then_some(())
+        (app.dead_letters("dead").await.len() == n).then_some(())
     })
     .await;
-    assert_eq!(app.queue_depth(&names.on_dead_queue()).await, 0);
+}
 
+/// Starts the transformer and waits until it has routed a message, which it does only after
+/// it has dealt with the on-dead queue.
+async fn start_transformer(
+    app: &TestHiway,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), hiway_transformer::Error>>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let transformer = hiway_transformer::build(&app.config).await.unwrap();
+    let running = tokio::spawn(transformer.run(stop.clone()));
+    let id = app.post_json("forms", &json!({"form": 1})).await;
+    app.wait_for_trail(id, &["received", "unrouted"]).await;
+    (stop, running)
+}
+
+fn is_gone(found: Result<lapin::Queue, lapin::Error>) -> bool {
+    found.is_err()
+}
+
+#[tokio::test]
+async fn an_on_dead_queue_left_by_an_earlier_configuration_is_deleted_with_its_copies() {
+    let (app, connection, channel) = with_on_dead_queue_left().await;
+    let on_dead = app.names().on_dead_queue();
+    dead_letter(&app, &channel, 1).await;
+    assert_eq!(app.queue_depth(&on_dead).await, 1);
+
+    let (stop, running) = start_transformer(&app).await;
+
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = channel
+        .queue_declare(on_dead.as_str().into(), passive, Default::default())
+        .await;
+    assert!(is_gone(found), "the on-dead queue is gone");
+    // The dead letter itself is stored, and later ones still are.
+    let channel = connection.create_channel().await.unwrap();
+    dead_letter(&app, &channel, 2).await;
     let _ = connection.close(200, "".into()).await;
     stop.cancel();
     running.await.unwrap().unwrap();

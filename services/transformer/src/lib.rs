@@ -32,8 +32,7 @@ use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
 use hiway_transform::{Applied, Input, Meta, Transforms};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -202,45 +201,33 @@ async fn session(
     ended
 }
 
-/// With no on-dead route left, stops the on-dead queue (if an earlier configuration made it)
-/// from collecting a copy of every dead letter that nobody reads any more: it would grow for
-/// ever. The copies already in it stay, for an on-dead route added again, until an operator
-/// deletes the queue, which the warning asks for at every start. Best effort: a failure here
-/// is logged and routing goes on.
+/// With no on-dead route left, deletes the on-dead queue an earlier configuration made:
+/// bound to the dead-letter exchange, it would collect a copy of every dead letter, read by
+/// nobody, for ever. The copies in it go with it; each is a copy of a dead letter the audit
+/// service stored, so nothing is lost but the reaction of a route that no longer exists.
+///
+/// A plain delete, because RabbitMQ answers a delete of a queue that does not exist (the usual
+/// case) with delete-ok, quietly; a conditional one (`if-unused`) is not supported by quorum
+/// queues and closes the whole connection. A transformer still on a configuration with
+/// on-dead routes (during a rolling change) sees its consumer cancelled, reconnects and
+/// declares the queue again. Best effort: a failure is logged and routing goes on.
 async fn retire_on_dead(conn: &Connection, names: &Names) {
+    let queue = names.on_dead_queue();
     let Ok(channel) = conn.create_channel().await else {
         return;
     };
-    let queue = names.on_dead_queue();
-    // Passive: it only asks whether the queue exists. When it does not (the usual case), the
-    // broker answers by closing this channel, which is all that happens.
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    if let Ok(found) = channel
-        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+    match channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await
     {
-        let unbound = channel
-            .queue_unbind(
-                queue.as_str().into(),
-                names.dead_exchange().into(),
-                "".into(),
-                FieldTable::default(),
-            )
-            .await;
-        match unbound {
-            Ok(()) => tracing::warn!(
-                %queue,
-                copies = found.message_count(),
-                "no route has on_dead any more, so this queue no longer receives dead letters; delete it once the copies in it are not needed"
-            ),
-            Err(error) => tracing::warn!(
-                %queue,
-                %error,
-                "no route has on_dead any more, but this queue could not be unbound from the dead-letter exchange: it keeps a copy of every dead letter until deleted"
-            ),
+        Ok(0) => {}
+        Ok(copies) => tracing::warn!(
+            %queue,
+            copies,
+            "no route has on_dead any more: deleted the on-dead queue and the copies of dead letters in it (the dead letters themselves are stored)"
+        ),
+        Err(error) => {
+            tracing::warn!(%queue, %error, "could not delete the on-dead queue no route reads any more; delete it by hand")
         }
     }
     close_channel(&channel).await;
