@@ -124,6 +124,9 @@ pub enum AuditKind {
         failures: u32,
         /// How long before a probe.
         cool_down_ms: u64,
+        /// Why, when it was not the count: the destination refused hiway's credentials.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// This message, sent as a probe, was delivered: the circuit is closed again.
     CircuitClosed {

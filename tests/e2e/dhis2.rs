@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
-use hiway_tests::TestHiway;
 use hiway_tests::doubles::dhis2::{Dhis2, PASSWORD, TOKEN, USERNAME};
+use hiway_tests::{TestHiway, eventually};
 use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(20);
 
 fn basic_auth() -> String {
     format!(
@@ -363,28 +365,48 @@ async fn a_personal_access_token_is_sent_as_apitoken_and_accepted() {
 }
 
 #[tokio::test]
-async fn a_wrong_token_goes_dead_at_once_naming_401() {
+async fn a_refused_token_parks_the_destination_until_dhis2_accepts_it_and_nothing_goes_dead() {
+    const NEW_TOKEN: &str = "d2pat_createdLaterByTheAdministrator0123456789abc";
     let dhis2 = Dhis2::start().await;
-    let app = TestHiway::spawn(&route_to(
-        &dhis2,
-        "/api/dataValueSets",
-        &quick(&token_auth("d2pat_revoked")),
-    ))
-    .await;
+    let settings = format!(
+        "{}\ncircuit = {{ failures = 5, cool_down = \"300ms\" }}",
+        quick(&token_auth(NEW_TOKEN))
+    );
+    let app = TestHiway::spawn(&route_to(&dhis2, "/api/dataValueSets", &settings)).await;
+    let names = app.names();
+    let queue = names.deliver_queue(&"dhis2".parse().unwrap());
 
     let id = app.post_json("forms", &fixture("datavalueset.json")).await;
 
-    app.wait_for_trail(id, &["attempted", "dead"]).await;
-    let dead = app.dead_letters("dead").await;
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].last_status_code, Some(401));
-    assert!(dead[0].reason.contains("401"), "{}", dead[0].reason);
+    // The first 401 opens the circuit at once, naming why, and the message waits in its queue
+    // with its attempt uncounted; probes meet the same 401 and change nothing.
+    let trail = app
+        .wait_for_trail(id, &["received", "routed", "attempted", "circuit_opened"])
+        .await;
+    let opened = trail.iter().find(|e| e.kind == "circuit_opened").unwrap();
     assert_eq!(
-        dhis2.received().len(),
-        1,
-        "credentials that fail are not retried"
+        opened.detail["reason"],
+        "the destination refuses hiway's credentials (HTTP 401)"
     );
+    let refused = trail.iter().find(|e| e.kind == "attempted").unwrap();
+    assert_eq!(refused.status_code, Some(401));
+    eventually("a few probes were refused", WAIT, || async {
+        (dhis2.received().len() >= 3).then_some(())
+    })
+    .await;
+    assert!(app.dead_letters("dead").await.is_empty());
     assert!(dhis2.data_values().is_empty());
+    assert!(app.trail(id).await.iter().all(|e| e.kind != "dead"));
+
+    // The administrator creates the token hiway was given: the next probe gets through, as
+    // the message's first counted attempt.
+    dhis2.accept_token(NEW_TOKEN);
+    let trail = app.wait_for_trail(id, &["delivered"]).await;
+    let delivered = trail.iter().find(|e| e.kind == "delivered").unwrap();
+    assert_eq!(delivered.attempt, Some(1));
+    assert_eq!(dhis2.data_values().len(), 3);
+    assert!(app.dead_letters("dead").await.is_empty());
+    assert_eq!(app.queue_depth(&queue).await, 0);
     app.shutdown().await;
 }
 

@@ -135,38 +135,51 @@ async fn a_token_is_replaced_before_use_once_it_is_refresh_after_old() {
 }
 
 #[tokio::test]
-async fn a_refused_login_is_a_dead_letter_naming_the_login_and_primeros_words() {
+async fn a_refused_login_parks_the_destination_naming_the_login_and_primeros_words() {
     let primero = Primero::start().await;
-    let app = TestHiway::spawn(&config(&primero, USERNAME, "wrong-password", "")).await;
+    let short_cool_down = config(&primero, USERNAME, "wrong-password", "").replace(
+        "concurrency = 8\n",
+        "concurrency = 8\ncircuit = { failures = 5, cool_down = \"200ms\" }\n",
+    );
+    let app = TestHiway::spawn(&short_cool_down).await;
     let id = app.post_json("cases", &case(1)).await;
 
-    app.wait_for_trail(id, &["received", "routed", "attempted", "dead"])
+    // Primero answers the login 401: the credentials are wrong, and no message can get
+    // through until an operator fixes them, so the circuit opens and the message waits.
+    let trail = app
+        .wait_for_trail(id, &["received", "routed", "attempted", "circuit_opened"])
         .await;
-    let dead = eventually("the dead letter is stored", WAIT, || async {
-        let dead = app.dead_letters("dead").await;
-        (!dead.is_empty()).then_some(dead)
-    })
-    .await;
-    assert_eq!(dead.len(), 1);
-    let reason = &dead[0].reason;
-    assert!(reason.starts_with("permanent failure: "), "{reason}");
+    let refused = trail.iter().find(|e| e.kind == "attempted").unwrap();
+    assert_eq!(refused.status_code, Some(401));
+    let error = refused.detail["error"].as_str().unwrap();
     assert!(
-        reason.contains(&format!(
+        error.starts_with("credentials refused; not counted as an attempt"),
+        "{error}"
+    );
+    assert!(
+        error.contains(&format!(
             "logging in at {} as \"{USERNAME}\"",
             primero.url("/api/v2/tokens")
         )),
-        "{reason}"
+        "{error}"
     );
-    assert!(reason.contains("HTTP 401"), "{reason}");
-    assert!(
-        reason.contains("Invalid User name or password."),
-        "{reason}"
-    );
-    assert_eq!(dead[0].last_status_code, Some(401));
+    assert!(error.contains("HTTP 401"), "{error}");
+    assert!(error.contains("Invalid User name or password."), "{error}");
+    assert!(!error.contains("wrong-password"), "{error}");
+    // Each probe logs in again, is refused again, and leaves the message waiting.
+    eventually("two probes were refused too", WAIT, || async {
+        (primero.logins() >= 3).then_some(())
+    })
+    .await;
+    assert!(app.dead_letters("dead").await.is_empty());
+    let queue = app.names().deliver_queue(&"primero".parse().unwrap());
+    eventually("the message waits in its queue", WAIT, || async {
+        (app.queue_depth(&queue).await == 1).then_some(())
+    })
+    .await;
     assert!(
         primero.requests().is_empty(),
         "nothing reached the cases without a token"
     );
-    assert!(!reason.contains("wrong-password"), "{reason}");
     app.shutdown().await;
 }

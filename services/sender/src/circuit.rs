@@ -3,7 +3,8 @@
 //! Closed, it counts consecutive retryable failures (a delivery resets the count; a permanent
 //! failure leaves it, since the destination did answer). When the count reaches the threshold
 //! it trips: the consumer stops, and the destination's messages wait in its queue instead of
-//! each burning an attempt against a destination that is down.
+//! each burning an attempt against a destination that is down. Refused credentials (401) trip
+//! it at once, whatever the threshold: no message can get through until they are fixed.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -44,17 +45,24 @@ impl Breaker {
                 self.consecutive.store(0, Ordering::SeqCst);
                 None
             }
+            Outcome::Permanent { .. } if outcome.refuses_credentials() => {
+                let n = self.consecutive.load(Ordering::SeqCst) + 1;
+                self.trip().then_some(n)
+            }
             Outcome::Permanent { .. } => None,
             Outcome::Retry { .. } => {
                 let n = self.consecutive.fetch_add(1, Ordering::SeqCst) + 1;
-                if self.threshold > 0 && n == self.threshold {
-                    self.trip.lock().unwrap_or_else(|e| e.into_inner()).cancel();
-                    Some(n)
-                } else {
-                    None
-                }
+                (self.threshold > 0 && n == self.threshold && self.trip()).then_some(n)
             }
         }
+    }
+
+    /// Trips the breaker; false if it had tripped already (the trip is reported once).
+    fn trip(&self) -> bool {
+        let trip = self.trip.lock().unwrap_or_else(|e| e.into_inner());
+        let first = !trip.is_cancelled();
+        trip.cancel();
+        first
     }
 }
 
@@ -94,6 +102,32 @@ mod tests {
         breaker.record(&Outcome::Permanent {
             status: Some(400),
             error: "bad".into(),
+        });
+        assert!(!trip.is_cancelled());
+    }
+
+    #[test]
+    fn refused_credentials_trip_at_once_whatever_the_threshold_and_are_reported_once() {
+        let refused = Outcome::Permanent {
+            status: Some(401),
+            error: "Unauthorized".into(),
+        };
+        for threshold in [0, 5] {
+            let breaker = Breaker::new(threshold);
+            let trip = CancellationToken::new();
+            breaker.arm(trip.clone());
+            breaker.record(&retry());
+            assert_eq!(breaker.record(&refused), Some(2), "threshold {threshold}");
+            assert!(trip.is_cancelled());
+            assert_eq!(breaker.record(&refused), None, "it reports the trip once");
+        }
+        // A 403 is about one record, not the credentials: it does not trip.
+        let breaker = Breaker::new(1);
+        let trip = CancellationToken::new();
+        breaker.arm(trip.clone());
+        breaker.record(&Outcome::Permanent {
+            status: Some(403),
+            error: "no write access to this org unit".into(),
         });
         assert!(!trip.is_cancelled());
     }

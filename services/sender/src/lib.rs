@@ -303,7 +303,8 @@ async fn deliver(
         if let Some(status) = outcome.status() {
             tracing::Span::current().record("status", status);
         }
-        let answered = !matches!(outcome, Outcome::Retry { .. });
+        let parked = outcome.refuses_credentials();
+        let answered = !matches!(outcome, Outcome::Retry { .. }) && !parked;
         let permanent = matches!(outcome, Outcome::Permanent { .. });
         // Recorded in this message's trail when its failure is the one that opened the circuit.
         let tripped = breaker.record(&outcome).map(|failures| {
@@ -315,12 +316,39 @@ async fn deliver(
                     destination: destination.name.clone(),
                     failures,
                     cool_down_ms: destination.circuit.cool_down.as_millis() as u64,
+                    reason: parked
+                        .then(|| "the destination refuses hiway's credentials (HTTP 401)".into()),
                 },
             )
         });
         // Freed only now that the breaker has counted this answer: a message waiting for the
         // slot must see the round ended if this failure opened the circuit, not start a request.
         drop(slot);
+
+        // Refused credentials: the message goes back to its queue, the attempt uncounted, and
+        // waits there with the others (the circuit is open) until the credentials are fixed
+        // and a probe gets through.
+        if parked && let Outcome::Permanent { status, error } = outcome {
+            tracing::error!(
+                status,
+                "the destination refuses hiway's credentials: its circuit is open and its messages wait in their queue until they are fixed"
+            );
+            let event = attempted(
+                &envelope,
+                destination,
+                attempt,
+                status,
+                duration_ms,
+                format!("credentials refused; not counted as an attempt, the message waits in its queue: {error}"),
+                None,
+            );
+            let events: Vec<_> = std::iter::once(event).chain(tripped).collect();
+            if let Err(error) = audit.record(events).await {
+                tracing::warn!(%error, "could not record the refused attempt");
+            }
+            give_back(out, destination, &acks, delivery_tag, &body, properties).await;
+            return false;
+        }
 
         let durable = match outcome {
             Outcome::Delivered { status } => {

@@ -48,6 +48,21 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The destination refused hiway's credentials: a 401, after the new login and repeat a
+    /// destination with a login gets. No message gets through until an operator fixes them,
+    /// so the sender parks the destination instead of dead-lettering each message
+    /// (protocols: "park the queue, don't drop messages"). A 403 is not one: DHIS2 and others
+    /// answer it for one record the user may not write, which other messages may not touch.
+    pub fn refuses_credentials(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Permanent {
+                status: Some(401),
+                ..
+            }
+        )
+    }
+
     /// The same outcome with its error text put in context (`context` gets the text and
     /// returns the new one), so a reason says which step failed; a delivery is unchanged.
     pub fn in_context(self, context: impl FnOnce(String) -> String) -> Outcome {

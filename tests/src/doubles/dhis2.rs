@@ -170,6 +170,8 @@ struct Store {
     unavailable: u32,
     polls_before_completed: u32,
     next_uid: u64,
+    /// Personal access tokens created since the double started ([`Dhis2::accept_token`]).
+    more_tokens: Vec<String>,
 }
 
 impl Store {
@@ -282,6 +284,12 @@ impl Dhis2 {
         self.inner.store().unavailable = n;
     }
 
+    /// Accepts `token` from now on too, as when an administrator creates a personal access
+    /// token (`POST /api/apiToken`) with the value hiway was given.
+    pub fn accept_token(&self, token: &str) {
+        self.inner.store().more_tokens.push(token.to_owned());
+    }
+
     /// How many polls of a job answer "not completed" before one says completed, for jobs
     /// polled from now on.
     pub fn set_polls_before_completed(&self, n: u32) {
@@ -336,7 +344,8 @@ async fn handle(
             "DHIS2 is starting, try again later",
         );
     }
-    if !authorised(&inner.options, &headers) {
+    let more_tokens = inner.store().more_tokens.clone();
+    if !authorised(&inner.options, &more_tokens, &headers) {
         let mut response = web_message(
             StatusCode::UNAUTHORIZED,
             "Account not found or not enabled, or the credentials are wrong",
@@ -391,13 +400,14 @@ async fn handle(
     }
 }
 
-/// Basic with the configured user, or `ApiToken` with the configured token.
-fn authorised(options: &Options, headers: &HeaderMap) -> bool {
+/// Basic with the configured user, or `ApiToken` with the configured token or one created
+/// since.
+fn authorised(options: &Options, more_tokens: &[String], headers: &HeaderMap) -> bool {
     let Some(value) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
         return false;
     };
     if let Some(token) = value.strip_prefix("ApiToken ") {
-        return token == options.token;
+        return token == options.token || more_tokens.iter().any(|t| t == token);
     }
     if let Some(encoded) = value.strip_prefix("Basic ") {
         let expected = format!("{}:{}", options.username, options.password);
