@@ -79,13 +79,17 @@ remove_each() {
     log "$what: $count $( ((dry_run)) && echo "to remove" || echo removed)"
 }
 
+delete_queue() {
+    rabbitmqctl -q delete_queue "$1" >/dev/null
+}
+
 delete_exchange() {
     curl -fsS -u guest:guest -X DELETE "$MGMT/exchanges/%2F/$1" >/dev/null
 }
 
 # --- the shared broker --------------------------------------------------------
 rabbitmqctl -q list_queues name --no-table-headers | leftovers |
-    remove_each "queue" rabbitmqctl -q delete_queue
+    remove_each "queue" delete_queue
 if curl -fsS -o /dev/null -u guest:guest "$MGMT/overview" 2>/dev/null; then
     rabbitmqctl -q list_exchanges name --no-table-headers | leftovers |
         remove_each "exchange" delete_exchange
