@@ -396,7 +396,13 @@ async fn a_refused_token_parks_the_destination_until_dhis2_accepts_it_and_nothin
     .await;
     assert!(app.dead_letters("dead").await.is_empty());
     assert!(dhis2.data_values().is_empty());
-    assert!(app.trail(id).await.iter().all(|e| e.kind != "dead"));
+    let trail = app.trail(id).await;
+    assert!(trail.iter().all(|e| e.kind != "dead"));
+    assert_eq!(
+        trail.iter().filter(|e| e.kind == "attempted").count(),
+        1,
+        "the probes' refusals are logged, not added to the trail"
+    );
 
     // The administrator creates the token hiway was given: the next probe gets through, as
     // the message's first counted attempt.

@@ -333,18 +333,24 @@ async fn deliver(
                 status,
                 "the destination refuses hiway's credentials: its circuit is open and its messages wait in their queue until they are fixed"
             );
-            let event = attempted(
-                &envelope,
-                destination,
-                attempt,
-                status,
-                duration_ms,
-                format!("credentials refused; not counted as an attempt, the message waits in its queue: {error}"),
-                None,
-            );
-            let events: Vec<_> = std::iter::once(event).chain(tripped).collect();
-            if let Err(error) = audit.record(events).await {
-                tracing::warn!(%error, "could not record the refused attempt");
+            // In the trail of the messages refused while consuming (the one that opened the
+            // circuit, and those in flight with it), not of every probe: a probe every
+            // cool-down for hours would bury one message's trail in identical events. The
+            // probes' refusals are in the log.
+            if round.is_some() {
+                let event = attempted(
+                    &envelope,
+                    destination,
+                    attempt,
+                    status,
+                    duration_ms,
+                    format!("credentials refused; not counted as an attempt, the message waits in its queue: {error}"),
+                    None,
+                );
+                let events: Vec<_> = std::iter::once(event).chain(tripped).collect();
+                if let Err(error) = audit.record(events).await {
+                    tracing::warn!(%error, "could not record the refused attempt");
+                }
             }
             give_back(out, destination, &acks, delivery_tag, &body, properties).await;
             return false;
