@@ -73,7 +73,8 @@ remove_each() {
         if ((dry_run)); then
             log "would remove $what $name"
         else
-            "$@" "$name"
+            # Not from the loop's stdin: rabbitmqctl reads it, and would eat the next names.
+            "$@" "$name" </dev/null
         fi
     done
     log "$what: $count $( ((dry_run)) && echo "to remove" || echo removed)"
