@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
@@ -128,7 +130,6 @@ pub async fn declare(
     Ok(())
 }
 
-/// Queue arguments, built up from a durable quorum queue.
 /// Declares the queue on-dead routes read: a second copy of every dead letter (the audit
 /// service stores the first). It has no dead-letter exchange of its own, so a copy the
 /// transformer cannot handle is dropped after `delivery_limit` deliveries rather than dead
@@ -147,6 +148,21 @@ pub async fn declare_on_dead(
     bind(channel, &names.on_dead_queue(), &names.dead_exchange(), "").await
 }
 
+/// Deletes the queue on-dead routes read, with the copies in it, and returns how many there
+/// were: for a configuration without on-dead routes, where it would collect a copy of every
+/// dead letter for ever. RabbitMQ answers a delete of a queue that does not exist with
+/// delete-ok (0), quietly. The delete is unconditional: quorum queues refuse `if-unused` with
+/// a connection error.
+pub async fn delete_on_dead(channel: &Channel, names: &Names) -> Result<u32, lapin::Error> {
+    channel
+        .queue_delete(
+            names.on_dead_queue().as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+}
+
+/// Queue arguments, built up from a durable quorum queue.
 struct Args(FieldTable);
 
 impl Args {

@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
-use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead};
+use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead, delete_on_dead};
 use hiway_proto::{Envelope, Names, RouteName, headers};
 use hiway_runtime::amqp::close_channel;
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
@@ -32,7 +32,6 @@ use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
 use hiway_transform::{Applied, Input, Meta, Transforms};
 use lapin::Connection;
 use lapin::message::Delivery;
-use lapin::options::QueueDeleteOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -201,25 +200,19 @@ async fn session(
     ended
 }
 
-/// With no on-dead route left, deletes the on-dead queue an earlier configuration made:
-/// bound to the dead-letter exchange, it would collect a copy of every dead letter, read by
-/// nobody, for ever. The copies in it go with it; each is a copy of a dead letter the audit
-/// service stored, so nothing is lost but the reaction of a route that no longer exists.
-///
-/// A plain delete, because RabbitMQ answers a delete of a queue that does not exist (the usual
-/// case) with delete-ok, quietly; a conditional one (`if-unused`) is not supported by quorum
-/// queues and closes the whole connection. A transformer still on a configuration with
-/// on-dead routes (during a rolling change) sees its consumer cancelled, reconnects and
-/// declares the queue again. Best effort: a failure is logged and routing goes on.
+/// With no on-dead route left, deletes the on-dead queue an earlier configuration made
+/// ([`delete_on_dead`]): bound to the dead-letter exchange, it would collect a copy of every
+/// dead letter, read by nobody, for ever. The copies go with it; each is a copy of a dead
+/// letter the audit service stored, so nothing is lost but the reaction of a route that no
+/// longer exists. A transformer still on a configuration with on-dead routes (during a
+/// rolling change) sees its consumer cancelled, reconnects and declares the queue again.
+/// Best effort: a failure is logged and routing goes on.
 async fn retire_on_dead(conn: &Connection, names: &Names) {
-    let queue = names.on_dead_queue();
     let Ok(channel) = conn.create_channel().await else {
         return;
     };
-    match channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-    {
+    let queue = names.on_dead_queue();
+    match delete_on_dead(&channel, names).await {
         Ok(0) => {}
         Ok(copies) => tracing::warn!(
             %queue,
