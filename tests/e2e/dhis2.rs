@@ -396,6 +396,13 @@ async fn a_refused_token_parks_the_destination_until_dhis2_accepts_it_and_nothin
     .await;
     assert!(app.dead_letters("dead").await.is_empty());
     assert!(dhis2.data_values().is_empty());
+    let status = app.hiway(&["status"]).await;
+    assert!(
+        status.contains(
+            "circuit open: the destination refuses hiway's credentials (HTTP 401); a probe every 300ms"
+        ),
+        "an operator sees why the destination is parked: {status}"
+    );
     let trail = app.trail(id).await;
     assert!(trail.iter().all(|e| e.kind != "dead"));
     assert_eq!(

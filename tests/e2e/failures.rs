@@ -543,6 +543,10 @@ circuit = { failures = 3, cool_down = "700ms" }"#,
     );
     let status = app.hiway(&["status"]).await;
     assert!(status.contains("open since"), "{status}");
+    assert!(
+        status.contains("circuit open: 3 consecutive retryable failures; a probe every 700ms"),
+        "{status}"
+    );
     let trail = app.trail(opened.0.into()).await;
     assert!(
         trail.iter().any(|e| e.kind == "circuit_opened"),

@@ -23,6 +23,8 @@ pub struct DestinationStatus {
     pub dead: i64,
     /// The last circuit event: `open since …` or `closed since …`.
     pub circuit: String,
+    /// Why the circuit is open, when it is: what the `circuit_opened` event recorded.
+    pub circuit_why: Option<String>,
 }
 
 /// Reads every configured destination's status from the broker and the database.
@@ -67,20 +69,25 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
         .bind(name.as_str())
         .fetch_one(pool)
         .await?;
-        let circuit: Option<(String, chrono::DateTime<chrono::Utc>)> = sqlx::query_as(
-            "select kind, at from audit_events
-             where destination = $1 and kind in ('circuit_opened', 'circuit_closed')
-             order by at desc limit 1",
-        )
-        .bind(name.as_str())
-        .fetch_optional(pool)
-        .await?;
-        let circuit = match circuit {
-            Some((kind, at)) if kind == "circuit_opened" => {
-                format!("open since {}", at.format("%Y-%m-%dT%H:%M:%SZ"))
-            }
-            Some((_, at)) => format!("closed since {}", at.format("%Y-%m-%dT%H:%M:%SZ")),
-            None => "closed".to_owned(),
+        let circuit: Option<(String, chrono::DateTime<chrono::Utc>, serde_json::Value)> =
+            sqlx::query_as(
+                "select kind, at, detail from audit_events
+                 where destination = $1 and kind in ('circuit_opened', 'circuit_closed')
+                 order by at desc limit 1",
+            )
+            .bind(name.as_str())
+            .fetch_optional(pool)
+            .await?;
+        let (circuit, circuit_why) = match circuit {
+            Some((kind, at, detail)) if kind == "circuit_opened" => (
+                format!("open since {}", at.format("%Y-%m-%dT%H:%M:%SZ")),
+                Some(why_open(&detail)),
+            ),
+            Some((_, at, _)) => (
+                format!("closed since {}", at.format("%Y-%m-%dT%H:%M:%SZ")),
+                None,
+            ),
+            None => ("closed".to_owned(), None),
         };
         out.push(DestinationStatus {
             name: name.to_string(),
@@ -89,13 +96,31 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
             retrying,
             dead,
             circuit,
+            circuit_why,
         });
     }
     hiway_runtime::amqp::close_connection(&connection, 200, "done").await;
     Ok(out)
 }
 
-/// A table for people.
+/// Why a circuit opened, from its `circuit_opened` event's detail: the reason it names
+/// (refused credentials), or else the failure count; and how often probes go out.
+fn why_open(detail: &serde_json::Value) -> String {
+    let why = match (detail["reason"].as_str(), detail["failures"].as_u64()) {
+        (Some(reason), _) => reason.to_owned(),
+        (None, Some(n)) => format!("{n} consecutive retryable failures"),
+        (None, None) => "no reason recorded".to_owned(),
+    };
+    match detail["cool_down_ms"].as_u64() {
+        Some(ms) => format!(
+            "{why}; a probe every {}",
+            humantime::format_duration(std::time::Duration::from_millis(ms))
+        ),
+        None => why,
+    }
+}
+
+/// A table for people: one line per destination, and under an open circuit the reason.
 pub fn format(statuses: &[DestinationStatus]) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -115,6 +140,54 @@ pub fn format(statuses: &[DestinationStatus]) -> String {
             s.circuit,
             retrying.join(" ")
         );
+        if let Some(why) = &s.circuit_why {
+            let _ = writeln!(out, "  circuit open: {why}");
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_open_circuit_says_why_and_how_often_it_is_probed() {
+        assert_eq!(
+            why_open(&json!({ "failures": 5, "cool_down_ms": 30000 })),
+            "5 consecutive retryable failures; a probe every 30s"
+        );
+        assert_eq!(
+            why_open(&json!({
+                "failures": 1,
+                "cool_down_ms": 300,
+                "reason": "the destination refuses hiway's credentials (HTTP 401)"
+            })),
+            "the destination refuses hiway's credentials (HTTP 401); a probe every 300ms"
+        );
+        assert_eq!(why_open(&json!({})), "no reason recorded");
+    }
+
+    #[test]
+    fn the_reason_is_printed_under_its_destination_only_when_the_circuit_is_open() {
+        let row = |name: &str, circuit: &str, why: Option<&str>| DestinationStatus {
+            name: name.into(),
+            queued: 1,
+            consumers: 0,
+            retrying: vec![],
+            dead: 0,
+            circuit: circuit.into(),
+            circuit_why: why.map(str::to_owned),
+        };
+        let table = format(&[
+            row("dhis2", "open since 2026-11-22T01:24:25Z", Some("why")),
+            row("warehouse", "closed", None),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        assert!(lines[1].starts_with("dhis2"), "{table}");
+        assert_eq!(lines[2], "  circuit open: why");
+        assert!(lines[3].starts_with("warehouse"), "{table}");
+    }
 }
