@@ -213,6 +213,17 @@ fn deciding_windows(
     windows
 }
 
+/// The latency target's verdict. Noise on the machine only ever makes latency worse, so a
+/// p99 within the target stands; one over it, measured while *other* used more than
+/// [`SKEW_LIMIT`], is not judged (the 21:52 run of session 10: 749 ms at 1125/s with *other*
+/// at 58%).
+fn latency_verdict(p99: Duration, other: Option<f64>) -> String {
+    if p99 <= P99_TARGET {
+        return verdict(true).to_owned();
+    }
+    ratio_skew(&[("that step".to_owned(), other)]).unwrap_or_else(|| verdict(false).to_owned())
+}
+
 impl Report {
     /// The report as markdown.
     pub fn to_markdown(&self) -> String {
@@ -361,7 +372,7 @@ impl Report {
                         } else {
                             ", the ladder step at that rate"
                         },
-                        verdict(l.p99 <= P99_TARGET)
+                        latency_verdict(l.p99, h.cpu.other())
                     );
                 }
                 None => {
@@ -873,6 +884,19 @@ mod tests {
         assert!(
             both.contains("58% during the baseline and *other* used 25% during that step"),
             "{both}"
+        );
+    }
+
+    #[test]
+    fn a_p99_over_the_target_on_a_noisy_machine_is_not_judged_but_one_within_it_stands() {
+        let ms = Duration::from_millis;
+        assert_eq!(latency_verdict(ms(18), Some(58.0)), "**met**");
+        assert_eq!(latency_verdict(ms(749), Some(4.0)), "**not met**");
+        assert_eq!(latency_verdict(ms(749), None), "**not met**");
+        let noisy = latency_verdict(ms(749), Some(58.0));
+        assert!(
+            noisy.starts_with("**not judged**: *other* used 58% during that step"),
+            "{noisy}"
         );
     }
 
