@@ -174,9 +174,11 @@ fn ratio_skew(windows: &[(String, Option<f64>)]) -> Option<String> {
     let reasons: Vec<String> = windows
         .iter()
         .filter_map(|(what, other)| {
-            other
-                .filter(|o| *o > SKEW_LIMIT)
-                .map(|o| format!("*other* used {o:.0}% during {what}"))
+            other.filter(|o| *o > SKEW_LIMIT).map(|o| {
+                // 10.3% printed as "10%" would read as within the limit.
+                let decimals = usize::from(o < SKEW_LIMIT + 1.0);
+                format!("*other* used {o:.decimals$}% during {what}")
+            })
         })
         .collect();
     (!reasons.is_empty()).then(|| {
@@ -875,6 +877,8 @@ mod tests {
         .unwrap();
         assert!(baseline.starts_with("**not judged**"), "{baseline}");
         assert!(baseline.contains("15% during the baseline"), "{baseline}");
+        let edge = ratio_skew(&[window("that step", Some(10.3))]).unwrap();
+        assert!(edge.contains("used 10.3% during that step"), "{edge}");
         assert!(!baseline.contains("that step"), "{baseline}");
         let both = ratio_skew(&[
             window("the baseline", Some(58.0)),
