@@ -162,15 +162,15 @@ fn verdict(met: bool) -> &'static str {
 }
 
 /// The most CPU (% of one core) that anything outside the measured processes may use while
-/// a window that decides the ratio runs for the ratio to be judged. On a shared virtual
-/// machine the hypervisor's steal time shows up there; it slows the windows unequally: twice
-/// a run with a halved baseline printed the ratio target as met, and a run whose steps above
-/// the highest sustained one lost 20–66% of a core printed it as not met.
+/// a window that decides a target (the ratio, or p99) runs for that target to be judged. On a
+/// shared virtual machine the hypervisor's steal time shows up there; it slows the windows
+/// unequally: twice a run with a halved baseline printed the ratio target as met, and a run
+/// whose steps above the highest sustained one lost 20–66% of a core printed it as not met.
 pub const SKEW_LIMIT: f64 = 10.0;
 
-/// Why the ratio of the sustained rate to the baseline cannot be judged, if it cannot: the
-/// *other* CPU of each window that decides it, against [`SKEW_LIMIT`].
-fn ratio_skew(windows: &[(String, Option<f64>)]) -> Option<String> {
+/// Why a target cannot be judged, if it cannot: the *other* CPU of each window that decides
+/// it, against [`SKEW_LIMIT`].
+fn skew(windows: &[(String, Option<f64>)]) -> Option<String> {
     let reasons: Vec<String> = windows
         .iter()
         .filter_map(|(what, other)| {
@@ -189,7 +189,7 @@ fn ratio_skew(windows: &[(String, Option<f64>)]) -> Option<String> {
     })
 }
 
-/// The windows that decide the ratio's verdict, for [`ratio_skew`]: always the baseline and
+/// The windows that decide the ratio's verdict, for [`skew`]: always the baseline and
 /// the highest sustained step. When the ratio falls short, also every ladder step above that
 /// step (none of them was sustained): noise there makes hiway look slower than it is, as noise
 /// in the baseline makes it look faster. A ratio that is met stands whatever happened above
@@ -223,7 +223,7 @@ fn latency_verdict(p99: Duration, other: Option<f64>) -> String {
     if p99 <= P99_TARGET {
         return verdict(true).to_owned();
     }
-    ratio_skew(&[("that step".to_owned(), other)]).unwrap_or_else(|| verdict(false).to_owned())
+    skew(&[("that step".to_owned(), other)]).unwrap_or_else(|| verdict(false).to_owned())
 }
 
 impl Report {
@@ -337,7 +337,7 @@ impl Report {
             (Some(b), Some((e, s))) => {
                 let ratio = f64::from(s.rate) / b.rate;
                 let met = ratio >= RATIO_TARGET;
-                let result = ratio_skew(&deciding_windows(b, e, s, met))
+                let result = skew(&deciding_windows(b, e, s, met))
                     .unwrap_or_else(|| verdict(met).to_owned());
                 let _ = writeln!(
                     out,
@@ -863,24 +863,24 @@ mod tests {
     #[test]
     fn a_ratio_is_judged_only_when_no_deciding_window_was_skewed() {
         assert_eq!(
-            ratio_skew(&[
+            skew(&[
                 window("the baseline", Some(6.0)),
                 window("that step", Some(4.0))
             ]),
             None
         );
-        assert_eq!(ratio_skew(&[window("the baseline", None)]), None);
-        let baseline = ratio_skew(&[
+        assert_eq!(skew(&[window("the baseline", None)]), None);
+        let baseline = skew(&[
             window("the baseline", Some(15.0)),
             window("that step", Some(4.0)),
         ])
         .unwrap();
         assert!(baseline.starts_with("**not judged**"), "{baseline}");
         assert!(baseline.contains("15% during the baseline"), "{baseline}");
-        let edge = ratio_skew(&[window("that step", Some(10.3))]).unwrap();
+        let edge = skew(&[window("that step", Some(10.3))]).unwrap();
         assert!(edge.contains("used 10.3% during that step"), "{edge}");
         assert!(!baseline.contains("that step"), "{baseline}");
-        let both = ratio_skew(&[
+        let both = skew(&[
             window("the baseline", Some(58.0)),
             window("that step", Some(25.0)),
         ])
@@ -967,7 +967,7 @@ mod tests {
             ],
             "the half-rate step and the steps below decide nothing"
         );
-        let verdict = ratio_skew(&windows).unwrap();
+        let verdict = skew(&windows).unwrap();
         assert!(
             verdict.contains("*other* used 20% during the 2500/s step above it and *other* used 66% during the 2750/s step above it"),
             "{verdict}"
@@ -978,7 +978,7 @@ mod tests {
         quiet.steps[2] = step("ladder", 2500, false, 3.0);
         quiet.steps[3] = step("ladder", 2750, false, 4.0);
         assert_eq!(
-            ratio_skew(&deciding_windows(
+            skew(&deciding_windows(
                 &baseline,
                 &quiet,
                 quiet.best().unwrap(),
@@ -991,6 +991,6 @@ mod tests {
         // second step above its highest sustained one, saw 13%).
         let met = deciding_windows(&baseline, &e2e, e2e.best().unwrap(), true);
         assert_eq!(met.len(), 2, "{met:?}");
-        assert_eq!(ratio_skew(&met), None);
+        assert_eq!(skew(&met), None);
     }
 }

@@ -79,15 +79,15 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
             .fetch_optional(pool)
             .await?;
         let (circuit, circuit_why) = match circuit {
-            Some((kind, at, detail)) if kind == "circuit_opened" => (
-                format!("open since {}", at.format("%Y-%m-%dT%H:%M:%SZ")),
-                Some(why_open(&detail)),
-            ),
-            Some((_, at, _)) => (
-                format!("closed since {}", at.format("%Y-%m-%dT%H:%M:%SZ")),
-                None,
-            ),
             None => ("closed".to_owned(), None),
+            Some((kind, at, detail)) => {
+                let since = at.format("%Y-%m-%dT%H:%M:%SZ");
+                if kind == "circuit_opened" {
+                    (format!("open since {since}"), Some(why_open(&detail)))
+                } else {
+                    (format!("closed since {since}"), None)
+                }
+            }
         };
         out.push(DestinationStatus {
             name: name.to_string(),
