@@ -85,6 +85,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Report> {
         meta,
         plan: plan.clone(),
         baseline: None,
+        baseline_after: None,
         e2e: None,
         scaling: None,
         logs: Vec::new(),
@@ -130,16 +131,7 @@ async fn parts(
 ) -> anyhow::Result<()> {
     if plan.runs(Part::Baseline) {
         crate::progress(&format!("baseline: RabbitMQ alone for {:?}", plan.baseline));
-        let b = baseline::run(
-            &plan.amqp_url,
-            &install.baseline_queue(),
-            load::FORM,
-            plan.baseline,
-            plan.drain_timeout,
-        )
-        .await?;
-        crate::progress(&format!("  {:.0} messages/s", b.rate));
-        report.baseline = Some(b);
+        report.baseline = Some(broker_alone(plan, install).await?);
     }
     if !(plan.runs(Part::E2e) || plan.runs(Part::Scaling)) {
         return Ok(());
@@ -165,6 +157,12 @@ async fn parts(
         for service in ["ingress", "transformer", "sender"] {
             fleet.stop(service).await;
         }
+        // The broker alone again, with the same machine minutes later: a baseline that moved
+        // says the machine's speed changed while the ladder ran (see report::DRIFT_LIMIT).
+        if plan.runs(Part::Baseline) {
+            crate::progress("baseline again, after the ladder");
+            report.baseline_after = Some(broker_alone(plan, install).await?);
+        }
     }
     if plan.runs(Part::Scaling) {
         let result = report.scaling.insert(Scaling::default());
@@ -172,6 +170,20 @@ async fn parts(
     }
     depths.close().await;
     Ok(())
+}
+
+/// One baseline run: RabbitMQ alone, one hop, for the plan's baseline duration.
+async fn broker_alone(plan: &Plan, install: &Installation) -> anyhow::Result<baseline::Baseline> {
+    let b = baseline::run(
+        &plan.amqp_url,
+        &install.baseline_queue(),
+        load::FORM,
+        plan.baseline,
+        plan.drain_timeout,
+    )
+    .await?;
+    crate::progress(&format!("  {:.0} messages/s", b.rate));
+    Ok(b)
 }
 
 /// Waits until a queue exists: the first service to connect declares the whole topology.
