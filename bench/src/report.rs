@@ -124,7 +124,7 @@ pub struct Report {
     pub meta: Meta,
     /// What was asked.
     pub plan: Plan,
-    /// RabbitMQ alone, before the end-to-end ladder.
+    /// RabbitMQ alone (before the end-to-end ladder, when there is one).
     pub baseline: Option<Baseline>,
     /// RabbitMQ alone again, after the ladder (runs with both parts only).
     pub baseline_after: Option<Baseline>,
