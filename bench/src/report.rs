@@ -1063,16 +1063,7 @@ mod tests {
             best: Some(1),
             ..Default::default()
         };
-        let baseline = Baseline {
-            published: 0,
-            consumed: 0,
-            publishing: Duration::ZERO,
-            elapsed: Duration::ZERO,
-            rate: 12767.0,
-            publish_rate: 0.0,
-            body_bytes: 0,
-            cpu: step("ladder", 0, true, 4.0).cpu,
-        };
+        let baseline = broker_alone(12767.0, 4.0);
         let baselines = [("", &baseline)];
         let windows = deciding_windows(&baselines, &e2e, e2e.best().unwrap(), false);
         let names: Vec<&str> = windows.iter().map(|(w, _)| w.as_str()).collect();

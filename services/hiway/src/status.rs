@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use hiway_config::Config;
+use hiway_proto::audit::AuditKind;
 use hiway_runtime::Broker;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -83,7 +84,7 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
             Some((kind, at, detail)) => {
                 let since = at.format("%Y-%m-%dT%H:%M:%SZ");
                 if kind == "circuit_opened" {
-                    (format!("open since {since}"), Some(why_open(&detail)))
+                    (format!("open since {since}"), Some(why_open(detail)))
                 } else {
                     (format!("closed since {since}"), None)
                 }
@@ -103,20 +104,22 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
     Ok(out)
 }
 
-/// Why a circuit opened, from its `circuit_opened` event's detail: the reason it names
-/// (refused credentials), or else the failure count; and how often probes go out.
-fn why_open(detail: &serde_json::Value) -> String {
-    let why = match (detail["reason"].as_str(), detail["failures"].as_u64()) {
-        (Some(reason), _) => reason.to_owned(),
-        (None, Some(n)) => format!("{n} consecutive retryable failures"),
-        (None, None) => "no reason recorded".to_owned(),
-    };
-    match detail["cool_down_ms"].as_u64() {
-        Some(ms) => format!(
-            "{why}; a probe every {}",
-            humantime::format_duration(std::time::Duration::from_millis(ms))
+/// Why a circuit opened, from its `circuit_opened` event's detail (the event's
+/// [`AuditKind`], as the audit service stored it): the reason it names (refused credentials),
+/// or else the failure count; and how often probes go out.
+fn why_open(detail: serde_json::Value) -> String {
+    match serde_json::from_value::<AuditKind>(detail) {
+        Ok(AuditKind::CircuitOpened {
+            failures,
+            cool_down_ms,
+            reason,
+            ..
+        }) => format!(
+            "{}; a probe every {}",
+            reason.unwrap_or_else(|| format!("{failures} consecutive retryable failures")),
+            humantime::format_duration(std::time::Duration::from_millis(cool_down_ms))
         ),
-        None => why,
+        _ => "no reason recorded".to_owned(),
     }
 }
 
@@ -154,19 +157,27 @@ mod tests {
 
     #[test]
     fn an_open_circuit_says_why_and_how_often_it_is_probed() {
+        // The detail column holds the event's kind as the audit service serialized it.
+        let opened = |reason: Option<&str>| {
+            serde_json::to_value(AuditKind::CircuitOpened {
+                destination: hiway_proto::DestinationName::parse("dhis2").unwrap(),
+                failures: 5,
+                cool_down_ms: 30_000,
+                reason: reason.map(str::to_owned),
+            })
+            .unwrap()
+        };
         assert_eq!(
-            why_open(&json!({ "failures": 5, "cool_down_ms": 30000 })),
+            why_open(opened(None)),
             "5 consecutive retryable failures; a probe every 30s"
         );
         assert_eq!(
-            why_open(&json!({
-                "failures": 1,
-                "cool_down_ms": 300,
-                "reason": "the destination refuses hiway's credentials (HTTP 401)"
-            })),
-            "the destination refuses hiway's credentials (HTTP 401); a probe every 300ms"
+            why_open(opened(Some(
+                "the destination refuses hiway's credentials (HTTP 401)"
+            ))),
+            "the destination refuses hiway's credentials (HTTP 401); a probe every 30s"
         );
-        assert_eq!(why_open(&json!({})), "no reason recorded");
+        assert_eq!(why_open(json!({})), "no reason recorded");
     }
 
     #[test]
