@@ -115,7 +115,36 @@ async fn a_400_goes_dead_at_once_with_the_destinations_words_and_replay_delivers
     let delivered = trail.iter().find(|e| e.kind == "delivered").unwrap();
     assert_eq!(delivered.attempt, Some(1), "attempts restart on replay");
     assert!(app.dead_letters("dead").await.is_empty());
-    assert_eq!(app.dead_letters("replayed").await[0].replays, 1);
+    let replayed = &app.dead_letters("replayed").await[0];
+    assert_eq!(replayed.replays, 1);
+
+    // The operator reads the whole story in words, the replay included, from the stored trail.
+    let printed = app.hiway(&["trace", &id.to_string()]).await;
+    let line = |kind: &str| {
+        printed
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(kind))
+            .unwrap_or_else(|| panic!("no {kind} line in:\n{printed}"))
+            .to_owned()
+    };
+    // A 400 is dead at once: the attempt names no wait before a next one.
+    let attempted = line("attempted");
+    assert!(
+        attempted.contains("sender       destination=sink attempt=1 status=400 duration="),
+        "{printed}"
+    );
+    assert!(!attempted.contains("retry_in="), "{printed}");
+    assert!(
+        line("replayed").ends_with(&format!(
+            "operator     destination=sink replay=1 dead_id={}",
+            replayed.dead_id
+        )),
+        "{printed}"
+    );
+    assert!(
+        line("delivered").contains("sender       destination=sink attempt=1 status=200"),
+        "{printed}"
+    );
     app.shutdown().await;
 }
 

@@ -4,6 +4,7 @@
 pub mod dlq;
 pub mod sink;
 pub mod status;
+mod trail;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +13,8 @@ use anyhow::Context;
 use hiway_config::Config;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+pub use trail::format_trail;
 
 type ServiceFuture = Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
 
@@ -115,88 +118,4 @@ pub async fn run_all(config: &Config, stop: CancellationToken) -> anyhow::Result
         Some(e) => Err(e),
         None => Ok(()),
     }
-}
-
-/// Prints the trail of one message, oldest event first.
-pub fn format_trail(id: &str, trail: &[hiway_audit::TrailEntry]) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    if trail.is_empty() {
-        let _ = writeln!(out, "no events recorded for message {id}");
-        return out;
-    }
-    let _ = writeln!(out, "message {id}");
-    for e in trail {
-        let what = match e.kind.as_str() {
-            "received" => format!(
-                "channel={} client={} size={}B",
-                e.channel.as_deref().unwrap_or("?"),
-                e.client.as_deref().unwrap_or("?"),
-                e.size_bytes.unwrap_or(0)
-            ),
-            "routed" => {
-                let copies = e.detail["copies"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .map(|c| {
-                                let part = c["part"]
-                                    .as_u64()
-                                    .map(|p| format!(" output {p}"))
-                                    .unwrap_or_default();
-                                format!(
-                                    "{} (route {}{part})",
-                                    c["destination"].as_str().unwrap_or("?"),
-                                    c["route"].as_str().unwrap_or("?")
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    })
-                    .unwrap_or_default();
-                format!("to {copies}")
-            }
-            "unrouted" => format!(
-                "no route takes channel {}",
-                e.channel.as_deref().unwrap_or("?")
-            ),
-            "filtered" => format!(
-                "route {} turned it away: {}",
-                e.route.as_deref().unwrap_or("?"),
-                e.detail["reason"].as_str().unwrap_or("")
-            ),
-            "attempted" => format!(
-                "destination={} attempt={} status={} duration={}ms error={}",
-                e.destination.as_deref().unwrap_or("?"),
-                e.attempt.unwrap_or(0),
-                e.status_code
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                e.duration_ms.unwrap_or(0),
-                e.detail["error"].as_str().unwrap_or("")
-            ),
-            "delivered" => format!(
-                "destination={} attempt={} status={} duration={}ms",
-                e.destination.as_deref().unwrap_or("?"),
-                e.attempt.unwrap_or(0),
-                e.status_code.unwrap_or(0),
-                e.duration_ms.unwrap_or(0)
-            ),
-            "dead" => format!(
-                "destination={} reason={}",
-                e.destination.as_deref().unwrap_or("-"),
-                e.detail["reason"].as_str().unwrap_or("")
-            ),
-            _ => e.detail.to_string(),
-        };
-        let _ = writeln!(
-            out,
-            "  {}  {:<10} {:<12} {}",
-            e.at.format("%Y-%m-%dT%H:%M:%S%.3fZ"),
-            e.kind,
-            e.service,
-            what
-        );
-    }
-    out
 }

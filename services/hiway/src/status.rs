@@ -105,8 +105,7 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
 }
 
 /// Why a circuit opened, from its `circuit_opened` event's detail (the event's
-/// [`AuditKind`], as the audit service stored it): the reason it names (refused credentials),
-/// or else the failure count; and how often probes go out.
+/// [`AuditKind`], as the audit service stored it).
 fn why_open(detail: serde_json::Value) -> String {
     match serde_json::from_value::<AuditKind>(detail) {
         Ok(AuditKind::CircuitOpened {
@@ -114,13 +113,27 @@ fn why_open(detail: serde_json::Value) -> String {
             cool_down_ms,
             reason,
             ..
-        }) => format!(
-            "{}; a probe every {}",
-            reason.unwrap_or_else(|| format!("{failures} consecutive retryable failures")),
-            humantime::format_duration(std::time::Duration::from_millis(cool_down_ms))
-        ),
+        }) => circuit_opened_because(failures, cool_down_ms, reason.as_deref()),
         _ => "no reason recorded".to_owned(),
     }
+}
+
+/// An opened circuit in words, as `hiway status` and `hiway trace` both say it: the reason
+/// its event names (refused credentials), or else the failure count; and how often probes
+/// go out.
+pub(crate) fn circuit_opened_because(
+    failures: u32,
+    cool_down_ms: u64,
+    reason: Option<&str>,
+) -> String {
+    let why = match reason {
+        Some(reason) => reason.to_owned(),
+        None => format!("{failures} consecutive retryable failures"),
+    };
+    format!(
+        "{why}; a probe every {}",
+        humantime::format_duration(std::time::Duration::from_millis(cool_down_ms))
+    )
 }
 
 /// A table for people: one line per destination, and under an open circuit the reason.
