@@ -28,6 +28,9 @@ use crate::sink::Sink;
 pub const SERVICES: [&str; 4] = ["ingress", "transformer", "sender", "audit"];
 /// The queues watched, in the order the report lists them.
 pub const QUEUES: [&str; 3] = ["ingress", "deliver", "audit"];
+/// The name lapin gives each connection's I/O thread: every publish, confirm, delivery and
+/// ack a service makes crosses between it and the service's own thread.
+pub const AMQP_IO_THREAD: &str = "lapin-io-loop";
 /// A step is flat when no watched queue holds more ready messages at its end than this
 /// fraction of the messages the step offered.
 pub const FLAT_FRACTION: f64 = 0.02;
@@ -89,6 +92,9 @@ pub struct Step {
     pub depth_max: Vec<u32>,
     /// CPU during the load, per service then infrastructure.
     pub cpu: CpuUsage,
+    /// Of each service's CPU in `cpu`, what lapin's I/O thread used ([`AMQP_IO_THREAD`]), per
+    /// [`SERVICES`]. Kept apart: it is already counted in `cpu`.
+    pub amqp_io: CpuUsage,
     /// Peak resident memory (VmHWM) during the step, per [`SERVICES`], in kB.
     pub peak_kb: Vec<Option<u64>>,
     /// Whether VmHWM could be reset at the step's start (else the peak is since start-up).
@@ -302,10 +308,16 @@ async fn step(
             m.watch(*label, Target::Pid(*pid))
         })
         .with_infrastructure();
+    let io_meter = SERVICES
+        .iter()
+        .zip(pids)
+        .fold(CpuMeter::default(), |m, (label, pid)| {
+            m.watch(*label, Target::Threads(*pid, AMQP_IO_THREAD))
+        });
     let peak_reset = pids.iter().all(|pid| procfs::reset_peak(*pid));
     ctx.sink.reset();
 
-    let cpu_before = meter.snapshot();
+    let (cpu_before, io_before) = (meter.snapshot(), io_meter.snapshot());
     let started = Instant::now();
     let end = started + duration;
     let stop_sampling = CancellationToken::new();
@@ -327,7 +339,7 @@ async fn step(
     };
     let at_end = async {
         tokio::time::sleep_until(end.into()).await;
-        let cpu_after = meter.snapshot();
+        let cpu_after = (meter.snapshot(), io_meter.snapshot());
         let peaks: Vec<Option<u64>> = pids
             .iter()
             .map(|pid| procfs::status_kb(*pid, "VmHWM"))
@@ -393,7 +405,8 @@ async fn step(
         latency,
         depth_end,
         depth_max,
-        cpu: meter.usage(&cpu_before, &cpu_after),
+        cpu: meter.usage(&cpu_before, &cpu_after.0),
+        amqp_io: io_meter.usage(&io_before, &cpu_after.1),
         peak_kb,
         peak_reset,
         drain,

@@ -40,6 +40,26 @@ fn parse_stat_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// utime + stime of those threads of a process whose name (`/proc/<pid>/task/<tid>/comm`,
+/// shown in parentheses in the thread's `stat`) is `comm`, in clock ticks; 0 when none is.
+/// lapin names each connection's I/O thread `lapin-io-loop`, so this separates the AMQP
+/// client's own thread from the service's.
+pub fn thread_ticks(pid: u32, comm: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("stat")).ok())
+        .filter(|stat| thread_name(stat) == Some(comm))
+        .filter_map(|stat| parse_stat_ticks(&stat))
+        .sum()
+}
+
+/// The name in a `stat` line: between the first `(` and the last `)`.
+fn thread_name(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
 /// A `kB` line of `/proc/<pid>/status`, such as `VmRSS` or `VmHWM`.
 pub fn status_kb(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -159,6 +179,9 @@ pub enum Target {
     /// Every process with this command name, summed (when the server's process is not
     /// found, e.g. in a container this machine cannot see into).
     Named(&'static str),
+    /// The threads of one process with this name ([`thread_ticks`]): part of what
+    /// [`Target::Pid`] of the same process counts, so never in the same meter as it.
+    Threads(u32, &'static str),
 }
 
 impl Target {
@@ -171,6 +194,7 @@ impl Target {
                 .filter_map(cpu_ticks)
                 .sum(),
             Self::Named(comm) => pids_named(comm).into_iter().filter_map(cpu_ticks).sum(),
+            Self::Threads(pid, comm) => thread_ticks(*pid, comm),
         }
     }
 }
@@ -307,6 +331,35 @@ mod tests {
         assert!(status_kb(pid, "VmHWM").is_some());
         assert!(machine_ticks().is_some_and(|(busy, total)| busy <= total));
         assert_eq!(parent(pid), Some(std::os::unix::process::parent_id()));
+    }
+
+    #[test]
+    fn a_threads_cpu_is_counted_under_its_name_and_no_other() {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (spun, spinning) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-spinner".into())
+            .spawn(move || {
+                // 200 ms of CPU: 20 ticks at 100 Hz, well over the one needed to show.
+                let start = Instant::now();
+                while start.elapsed() < std::time::Duration::from_millis(200) {
+                    std::hint::black_box(0u64);
+                }
+                spun.send(()).unwrap();
+                // Stay alive until read: an exited thread leaves /proc/<pid>/task.
+                wait.recv().unwrap();
+            })
+            .unwrap();
+        spinning.recv().unwrap();
+        let pid = std::process::id();
+        let named = thread_ticks(pid, "bench-spinner");
+        let unknown = thread_ticks(pid, "no-such-thread");
+        done.send(()).unwrap();
+        thread.join().unwrap();
+        assert!(named >= 1, "the spinning thread's ticks: {named}");
+        assert_eq!(unknown, 0);
+        assert_eq!(thread_name("12 (lapin-io-loop) S 1"), Some("lapin-io-loop"));
+        assert_eq!(thread_name("12 (my (odd) name) S 1"), Some("my (odd) name"));
     }
 
     #[test]

@@ -155,6 +155,28 @@ fn ms(d: Duration) -> String {
     }
 }
 
+/// What lapin's I/O threads took of each service's figure in a step, as a sentence to follow
+/// the step's CPU line; empty when none was measured (a report of an older run).
+fn amqp_io(step: &Step) -> String {
+    let threads: Vec<String> = step
+        .amqp_io
+        .per
+        .iter()
+        .filter_map(|(service, io)| {
+            let all = step.cpu.of(service)?;
+            Some(format!("{service} {io:.0}% of its {all:.0}%"))
+        })
+        .collect();
+    if threads.is_empty() {
+        return String::new();
+    }
+    format!(
+        " Of which lapin's I/O threads ({}): {}.",
+        e2e::AMQP_IO_THREAD,
+        threads.join(", ")
+    )
+}
+
 fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.0}"))
 }
@@ -827,14 +849,15 @@ impl Report {
             per.sort_by(|a, b| b.1.total_cmp(&a.1));
             let _ = writeln!(
                 out,
-                "- {what} ({}/s): machine {}% of {}%; {}.",
+                "- {what} ({}/s): machine {}% of {}%; {}.{}",
                 s.rate,
                 pct(s.cpu.machine),
                 self.meta.cpus * 100,
                 per.iter()
                     .map(|(l, v)| format!("{l} {v:.0}%"))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                amqp_io(s)
             );
         }
         let _ = writeln!(out);
@@ -1040,12 +1063,29 @@ mod tests {
                 per: vec![("rabbitmq".into(), 50.0)],
                 machine: Some(50.0 + other),
             },
+            amqp_io: procfs::CpuUsage::default(),
             peak_kb: vec![],
             peak_reset: true,
             drain: None,
             sustained,
             reasons: vec![],
         }
+    }
+
+    #[test]
+    fn the_cpu_line_says_what_lapins_io_thread_took_of_each_service() {
+        let mut s = step("ladder", 3000, true, 4.0);
+        assert_eq!(amqp_io(&s), "", "nothing measured, nothing said");
+        s.cpu.per = vec![
+            ("transformer".into(), 33.0),
+            ("sender".into(), 22.4),
+            ("rabbitmq".into(), 74.0),
+        ];
+        s.amqp_io.per = vec![("transformer".into(), 8.2), ("sender".into(), 5.6)];
+        assert_eq!(
+            amqp_io(&s),
+            " Of which lapin's I/O threads (lapin-io-loop): transformer 8% of its 33%, sender 6% of its 22%."
+        );
     }
 
     #[test]
