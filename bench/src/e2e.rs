@@ -301,19 +301,8 @@ async fn step(
         names.deliver_queue(&Installation::destination(install::SINK)),
         names.audit_queue(),
     ];
-    let meter = SERVICES
-        .iter()
-        .zip(pids)
-        .fold(CpuMeter::default(), |m, (label, pid)| {
-            m.watch(*label, Target::Pid(*pid))
-        })
-        .with_infrastructure();
-    let io_meter = SERVICES
-        .iter()
-        .zip(pids)
-        .fold(CpuMeter::default(), |m, (label, pid)| {
-            m.watch(*label, Target::Threads(*pid, AMQP_IO_THREAD))
-        });
+    let meter = per_service(pids, Target::Pid).with_infrastructure();
+    let io_meter = per_service(pids, |pid| Target::Threads(pid, AMQP_IO_THREAD));
     let peak_reset = pids.iter().all(|pid| procfs::reset_peak(*pid));
     ctx.sink.reset();
 
@@ -339,16 +328,16 @@ async fn step(
     };
     let at_end = async {
         tokio::time::sleep_until(end.into()).await;
-        let cpu_after = (meter.snapshot(), io_meter.snapshot());
+        let (cpu_after, io_after) = (meter.snapshot(), io_meter.snapshot());
         let peaks: Vec<Option<u64>> = pids
             .iter()
             .map(|pid| procfs::status_kb(*pid, "VmHWM"))
             .collect();
         let depths = ctx.depths.all(&queues).await;
         stop_sampling.cancel();
-        (cpu_after, peaks, depths)
+        (cpu_after, io_after, peaks, depths)
     };
-    let (outcome, max, (cpu_after, peak_kb, depth_end)) = tokio::join!(
+    let (outcome, max, (cpu_after, io_after, peak_kb, depth_end)) = tokio::join!(
         load.run(f64::from(rate), started, duration),
         sampler,
         at_end
@@ -405,8 +394,8 @@ async fn step(
         latency,
         depth_end,
         depth_max,
-        cpu: meter.usage(&cpu_before, &cpu_after.0),
-        amqp_io: io_meter.usage(&io_before, &cpu_after.1),
+        cpu: meter.usage(&cpu_before, &cpu_after),
+        amqp_io: io_meter.usage(&io_before, &io_after),
         peak_kb,
         peak_reset,
         drain,
@@ -488,6 +477,16 @@ pub fn percentiles(samples: &mut [Duration]) -> Option<Latency> {
         p99: rank(0.99),
         max: samples[samples.len() - 1],
     })
+}
+
+/// A meter with one target per service, labelled as [`SERVICES`] names them.
+fn per_service(pids: &[u32], target: impl Fn(u32) -> Target) -> CpuMeter {
+    SERVICES
+        .iter()
+        .zip(pids)
+        .fold(CpuMeter::default(), |m, (label, pid)| {
+            m.watch(*label, target(*pid))
+        })
 }
 
 #[cfg(test)]
