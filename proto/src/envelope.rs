@@ -3,9 +3,9 @@
 //! The payload is never wrapped: it travels as the AMQP body exactly as the source sent it, so
 //! a destination receives the same bytes and nothing has to re-encode them on the hot path.
 
+use crate::amqp::BasicProperties;
+use crate::amqp::{AMQPValue, FieldTable, LongString, ShortString};
 use chrono::{DateTime, TimeZone, Utc};
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 
 use crate::headers;
 use crate::ids::{ChannelName, ClientName, DestinationName, InvalidName, MessageId, RouteName};

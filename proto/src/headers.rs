@@ -58,8 +58,8 @@ pub const DEAD_AT: &str = "x-hiway-dead-at";
 /// A header's value as text, if it is a string (long or short), with invalid UTF-8 replaced.
 /// For the readers that must get on with a damaged message (the dead-letter store, on-dead
 /// routes) rather than refuse it, as the envelope's strict reading does.
-pub fn text_lossy(properties: &lapin::BasicProperties, key: &str) -> Option<String> {
-    use lapin::types::AMQPValue;
+pub fn text_lossy(properties: &crate::amqp::BasicProperties, key: &str) -> Option<String> {
+    use crate::amqp::AMQPValue;
     match properties.headers().as_ref()?.inner().get(key)? {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
@@ -69,8 +69,8 @@ pub fn text_lossy(properties: &lapin::BasicProperties, key: &str) -> Option<Stri
 
 #[cfg(test)]
 mod tests {
-    use lapin::BasicProperties;
-    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    use crate::amqp::BasicProperties;
+    use crate::amqp::{AMQPValue, FieldTable, LongString, ShortString};
 
     use super::text_lossy;
 

@@ -7,8 +7,10 @@
 //! - [`envelope`]: message metadata to and from AMQP properties; the payload travels as the
 //!   AMQP body, untouched.
 //! - [`audit`]: the audit events every service publishes.
-//! - [`topology`]: one function that declares the whole RabbitMQ topology idempotently.
+//! - [`topology`]: the whole RabbitMQ topology, as a plan of idempotent declarations.
+//! - [`amqp`]: AMQP's data model (properties, field tables), without a client.
 
+pub mod amqp;
 pub mod audit;
 pub mod envelope;
 pub mod headers;

@@ -1,6 +1,6 @@
 //! The whole RabbitMQ topology, declared idempotently.
 //!
-//! Every service calls [`declare`] when it connects, so whichever starts first creates what all
+//! Every service declares the [`plan`] when it connects, so whichever starts first creates what all
 //! of them need, and a broker that lost its definitions gets them back on the next reconnect.
 //! Declaring an existing exchange or queue with the same arguments is a no-op; with different
 //! arguments the broker refuses (`PRECONDITION_FAILED`), which is why the arguments live here
@@ -8,11 +8,7 @@
 
 use std::time::Duration;
 
-use lapin::options::{
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use crate::amqp::{AMQPValue, FieldTable, LongString};
 
 use crate::ids::DestinationName;
 use crate::names::{AUDIT_KEY, INGRESS_KEY, Names};
@@ -31,17 +27,57 @@ pub struct DestinationTopology {
     pub retry_delays: Vec<Duration>,
 }
 
-/// Declares every exchange, queue and binding for these destinations.
+/// One step of declaring the topology. The steps are data, so the AMQP client that carries
+/// them out (hiway-runtime's) is the only code that talks to the broker, and so a test can
+/// read what would be declared without one.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Declare {
+    /// A durable exchange.
+    Exchange {
+        /// Its name.
+        name: String,
+        /// Direct or fanout.
+        kind: ExchangeKind,
+    },
+    /// A durable queue with these arguments.
+    Queue {
+        /// Its name.
+        name: String,
+        /// Its `x-` arguments (type, dead-lettering, limits).
+        args: FieldTable,
+    },
+    /// A binding of `queue` to `exchange` under `key`.
+    Bind {
+        /// The queue.
+        queue: String,
+        /// The exchange.
+        exchange: String,
+        /// The routing key (empty for a fanout).
+        key: String,
+    },
+}
+
+/// The kinds of exchange hiway uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Routes on the exact routing key.
+    Direct,
+    /// Routes to every bound queue.
+    Fanout,
+}
+
+/// Every exchange, queue and binding for these destinations, in the order to declare them
+/// (exchanges before the bindings that name them).
 ///
 /// `delivery_limit` is the number of deliveries without an ack after which the broker
 /// dead-letters a message from a worker's queue: a message that crashes its worker every time
 /// must not be handed out forever.
-pub async fn declare(
-    channel: &Channel,
+pub fn plan(
     names: &Names,
     destinations: &[DestinationTopology],
     delivery_limit: u32,
-) -> Result<(), lapin::Error> {
+) -> Vec<Declare> {
+    let mut steps = Vec::new();
     for (exchange, kind) in [
         (names.ingress_exchange(), ExchangeKind::Direct),
         (names.deliver_exchange(), ExchangeKind::Direct),
@@ -51,17 +87,10 @@ pub async fn declare(
         (names.dead_exchange(), ExchangeKind::Fanout),
         (names.audit_exchange(), ExchangeKind::Direct),
     ] {
-        channel
-            .exchange_declare(
-                exchange.into(),
-                kind,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        steps.push(Declare::Exchange {
+            name: exchange,
+            kind,
+        });
     }
 
     let dead = names.dead_exchange();
@@ -70,39 +99,36 @@ pub async fn declare(
             .dead_letter(&dead, key)
             .delivery_limit(delivery_limit)
     };
-    queue(channel, &names.ingress_queue(), worker(DEAD_KEY_INGRESS)).await?;
+    queue(&mut steps, &names.ingress_queue(), worker(DEAD_KEY_INGRESS));
     bind(
-        channel,
+        &mut steps,
         &names.ingress_queue(),
         &names.ingress_exchange(),
         INGRESS_KEY,
-    )
-    .await?;
+    );
 
-    queue(channel, &names.audit_queue(), worker(DEAD_KEY_AUDIT)).await?;
+    queue(&mut steps, &names.audit_queue(), worker(DEAD_KEY_AUDIT));
     bind(
-        channel,
+        &mut steps,
         &names.audit_queue(),
         &names.audit_exchange(),
         AUDIT_KEY,
-    )
-    .await?;
+    );
 
     // The dead queue has no dead-letter exchange and no delivery limit: it is the end of the
     // line, and what reaches it stays until the audit service has stored it durably.
-    queue(channel, &names.dead_queue(), Args::quorum()).await?;
-    bind(channel, &names.dead_queue(), &names.dead_exchange(), "").await?;
+    queue(&mut steps, &names.dead_queue(), Args::quorum());
+    bind(&mut steps, &names.dead_queue(), &names.dead_exchange(), "");
 
     for d in destinations {
         let key = d.name.as_str();
-        queue(channel, &names.deliver_queue(&d.name), worker(key)).await?;
+        queue(&mut steps, &names.deliver_queue(&d.name), worker(key));
         bind(
-            channel,
+            &mut steps,
             &names.deliver_queue(&d.name),
             &names.deliver_exchange(),
             key,
-        )
-        .await?;
+        );
 
         // Retries wait in a queue per delay whose TTL, once expired, dead-letters the message
         // back to the destination's queue. One queue per delay keeps every queue in expiry
@@ -116,50 +142,41 @@ pub async fn declare(
             let args = Args::quorum()
                 .dead_letter(&names.deliver_exchange(), key)
                 .ttl(ttl);
-            queue(channel, &names.retry_queue(&d.name, delay), args).await?;
-            let retry_key = names.retry_key(&d.name, delay);
+            queue(&mut steps, &names.retry_queue(&d.name, delay), args);
             bind(
-                channel,
+                &mut steps,
                 &names.retry_queue(&d.name, delay),
                 &names.retry_exchange(),
-                &retry_key,
-            )
-            .await?;
+                &names.retry_key(&d.name, delay),
+            );
         }
     }
-    Ok(())
+    steps
 }
 
-/// Declares the queue on-dead routes read: a second copy of every dead letter (the audit
-/// service stores the first). It has no dead-letter exchange of its own, so a copy the
-/// transformer cannot handle is dropped after `delivery_limit` deliveries rather than dead
-/// again in a loop; the dead letter itself is stored either way.
-pub async fn declare_on_dead(
-    channel: &Channel,
-    names: &Names,
-    delivery_limit: u32,
-) -> Result<(), lapin::Error> {
+/// The queue on-dead routes read: a second copy of every dead letter (the audit service
+/// stores the first). It has no dead-letter exchange of its own, so a copy the transformer
+/// cannot handle is dropped after `delivery_limit` deliveries rather than dead again in a
+/// loop; the dead letter itself is stored either way.
+///
+/// Its removal, for a configuration without on-dead routes (where it would collect a copy of
+/// every dead letter for ever), is a queue delete of [`Names::on_dead_queue`]: RabbitMQ
+/// answers a delete of a queue that does not exist with delete-ok (0), quietly, and the
+/// delete must be unconditional, as quorum queues refuse `if-unused` with a connection error.
+pub fn plan_on_dead(names: &Names, delivery_limit: u32) -> Vec<Declare> {
+    let mut steps = Vec::new();
     queue(
-        channel,
+        &mut steps,
         &names.on_dead_queue(),
         Args::quorum().delivery_limit(delivery_limit),
-    )
-    .await?;
-    bind(channel, &names.on_dead_queue(), &names.dead_exchange(), "").await
-}
-
-/// Deletes the queue on-dead routes read, with the copies in it, and returns how many there
-/// were: for a configuration without on-dead routes, where it would collect a copy of every
-/// dead letter for ever. RabbitMQ answers a delete of a queue that does not exist with
-/// delete-ok (0), quietly. The delete is unconditional: quorum queues refuse `if-unused` with
-/// a connection error.
-pub async fn delete_on_dead(channel: &Channel, names: &Names) -> Result<u32, lapin::Error> {
-    channel
-        .queue_delete(
-            names.on_dead_queue().as_str().into(),
-            QueueDeleteOptions::default(),
-        )
-        .await
+    );
+    bind(
+        &mut steps,
+        &names.on_dead_queue(),
+        &names.dead_exchange(),
+        "",
+    );
+    steps
 }
 
 /// Queue arguments, built up from a durable quorum queue.
@@ -200,37 +217,119 @@ impl Args {
     }
 }
 
-async fn queue(channel: &Channel, name: &str, args: Args) -> Result<(), lapin::Error> {
-    channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            args.0,
-        )
-        .await?;
-    Ok(())
+fn queue(steps: &mut Vec<Declare>, name: &str, args: Args) {
+    steps.push(Declare::Queue {
+        name: name.to_owned(),
+        args: args.0,
+    });
 }
 
-async fn bind(
-    channel: &Channel,
-    queue: &str,
-    exchange: &str,
-    key: &str,
-) -> Result<(), lapin::Error> {
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
+fn bind(steps: &mut Vec<Declare>, queue: &str, exchange: &str, key: &str) {
+    steps.push(Declare::Bind {
+        queue: queue.to_owned(),
+        exchange: exchange.to_owned(),
+        key: key.to_owned(),
+    });
 }
 
 fn string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan_for(delays: &[u64]) -> Vec<Declare> {
+        let destination = DestinationTopology {
+            name: DestinationName::parse("dhis2").unwrap(),
+            retry_delays: delays.iter().map(|s| Duration::from_secs(*s)).collect(),
+        };
+        plan(&Names::new("t"), &[destination], 5)
+    }
+
+    fn queue_args<'a>(steps: &'a [Declare], queue: &str) -> &'a FieldTable {
+        steps
+            .iter()
+            .find_map(|s| match s {
+                Declare::Queue { name, args } if name == queue => Some(args),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no queue {queue} in the plan"))
+    }
+
+    #[test]
+    fn every_binding_names_a_queue_and_an_exchange_declared_before_it() {
+        let steps = plan_for(&[30, 300]);
+        for (i, step) in steps.iter().enumerate() {
+            if let Declare::Bind {
+                queue, exchange, ..
+            } = step
+            {
+                let before = &steps[..i];
+                assert!(
+                    before
+                        .iter()
+                        .any(|s| matches!(s, Declare::Queue { name, .. } if name == queue)),
+                    "{queue} is bound before it is declared"
+                );
+                assert!(
+                    before
+                        .iter()
+                        .any(|s| matches!(s, Declare::Exchange { name, .. } if name == exchange)),
+                    "{exchange} is bound to before it is declared"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_schedule_gets_one_delay_queue_per_distinct_wait_with_that_wait_as_its_ttl() {
+        let names = Names::new("t");
+        let dhis2 = DestinationName::parse("dhis2").unwrap();
+        let steps = plan_for(&[300, 30, 30]);
+        let retry_queues: Vec<&str> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Declare::Queue { name, .. } if name.contains("retry") => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            retry_queues,
+            [
+                names.retry_queue(&dhis2, Duration::from_secs(30)),
+                names.retry_queue(&dhis2, Duration::from_secs(300)),
+            ]
+        );
+        let args = queue_args(&steps, retry_queues[0]);
+        assert_eq!(
+            args.inner().get("x-message-ttl"),
+            Some(&AMQPValue::LongUInt(30_000))
+        );
+        assert_eq!(
+            args.inner().get("x-dead-letter-exchange"),
+            Some(&string(&names.deliver_exchange()))
+        );
+    }
+
+    #[test]
+    fn worker_queues_dead_letter_at_least_once_after_the_delivery_limit_and_the_dead_queue_does_not()
+     {
+        let names = Names::new("t");
+        let steps = plan_for(&[]);
+        let ingress = queue_args(&steps, &names.ingress_queue());
+        assert_eq!(
+            ingress.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongUInt(5))
+        );
+        assert_eq!(
+            ingress.inner().get("x-dead-letter-strategy"),
+            Some(&string("at-least-once"))
+        );
+        let dead = queue_args(&steps, &names.dead_queue());
+        assert_eq!(dead.inner().get("x-dead-letter-exchange"), None);
+        assert_eq!(dead.inner().get("x-delivery-limit"), None);
+        assert_eq!(dead.inner().get("x-queue-type"), Some(&string("quorum")));
+    }
 }

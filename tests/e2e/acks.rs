@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use hiway_proto::amqp::BasicProperties;
 use hiway_runtime::consume::consume_concurrently;
-use lapin::BasicProperties;
-use lapin::options::QueueDeclareOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit_batch::{broker, teardown};
@@ -34,17 +33,16 @@ async fn three_hundred_messages_finished_out_of_order_through_a_prefetch_of_twen
 
     // Each handler takes 0–7 ms, so they finish out of order; every tenth is rejected to the
     // dead queue. With 20 unacked at most, the 300 only get through if acks flow meanwhile.
-    let (channel, consumer) = broker
+    let consumer = broker
         .consumer(&connection, &names.ingress_queue(), "acks-test", 20)
         .await
         .unwrap();
     let handled = Arc::new(AtomicUsize::new(0));
     let stop = CancellationToken::new();
     let consuming = {
-        let (channel, handled, stop) = (channel.clone(), handled.clone(), stop.clone());
+        let (handled, stop) = (handled.clone(), stop.clone());
         tokio::spawn(async move {
             consume_concurrently(
-                &channel,
                 consumer,
                 20,
                 &stop,
@@ -73,27 +71,14 @@ async fn three_hundred_messages_finished_out_of_order_through_a_prefetch_of_twen
     )
     .await;
     stop.cancel();
+    // The consumer's channel is closed when it returns, which would put anything left
+    // unacked back in the queue.
     consuming.await.unwrap().unwrap();
-    // Closing the channel would return anything left unacked to the queue.
-    hiway_runtime::amqp::close_channel(&channel).await;
 
-    let check = connection.create_channel().await.unwrap();
+    let check = connection.channel().await.unwrap();
     let count = |queue: String| {
         let check = check.clone();
-        async move {
-            check
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .unwrap()
-                .message_count()
-        }
+        async move { check.queue_depth(&queue).await.unwrap().ready }
     };
     assert_eq!(
         count(names.ingress_queue()).await,
@@ -105,6 +90,6 @@ async fn three_hundred_messages_finished_out_of_order_through_a_prefetch_of_twen
         30,
         "the thirty rejected ones were rejected, not covered by a multiple-ack"
     );
-    hiway_runtime::amqp::close_channel(&check).await;
+    check.close().await;
     teardown(&broker, &connection).await;
 }

@@ -6,8 +6,8 @@ use futures_util::future::join_all;
 use hiway_config::Config;
 use hiway_proto::MessageId;
 use hiway_proto::audit::{AuditBatch, AuditEvent, AuditKind};
+use hiway_runtime::amqp::Connection;
 use hiway_runtime::{AuditBatcher, Broker};
-use lapin::options::BasicGetOptions;
 
 /// An audit event of a new message, recorded by the service "test".
 pub(crate) fn event() -> AuditEvent {
@@ -47,19 +47,13 @@ async fn the_events_of_three_hundred_messages_in_hand_travel_in_a_few_broker_mes
     writer.finish().await;
 
     // Every event is on the audit queue, once, in far fewer messages than events.
-    let channel = connection.create_channel().await.unwrap();
+    let channel = connection.channel().await.unwrap();
     let (mut messages, mut received) = (0, Vec::new());
-    while let Some(m) = channel
-        .basic_get(
-            broker.names().audit_queue().as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
+    while let Some(m) = channel.get(&broker.names().audit_queue()).await.unwrap() {
         messages += 1;
-        let batch: AuditBatch = serde_json::from_slice(&m.delivery.data).unwrap();
+        let batch: AuditBatch = serde_json::from_slice(&m.data).unwrap();
         received.extend(batch);
+        m.ack(false).await.unwrap();
     }
     assert_eq!(received.len(), 300);
     let mut want: Vec<_> = sent.iter().map(|e| e.event_id).collect();
@@ -93,8 +87,12 @@ async fn a_batch_that_cannot_be_published_is_an_error_for_each_of_its_callers() 
 }
 
 /// Deletes what `Broker::connect` declared under the test's prefix.
-pub(crate) async fn teardown(broker: &Broker, connection: &lapin::Connection) {
-    let channel = connection.create_channel().await.unwrap();
+pub(crate) async fn teardown(broker: &Broker, connection: &Connection) {
+    // The harness's own client, apart from the one under test.
+    let admin = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = admin.create_channel().await.unwrap();
     let names = broker.names();
     // Not the on-dead queue: only a transformer with on-dead routes declares it, and deleting
     // a queue that does not exist closes the channel.
@@ -114,5 +112,6 @@ pub(crate) async fn teardown(broker: &Broker, connection: &lapin::Connection) {
         ],
     )
     .await;
-    hiway_runtime::amqp::close_connection(connection, 200, "done").await;
+    let _ = admin.close(200, "done".into()).await;
+    connection.close(200, "done").await;
 }

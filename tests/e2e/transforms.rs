@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use hiway_proto::amqp::BasicProperties;
+use hiway_runtime::amqp::Connection;
+use hiway_runtime::{Broker, Publisher};
 use hiway_tests::{Receiver, TestHiway, eventually};
 use serde_json::json;
 
@@ -279,7 +282,7 @@ transform = '''
 /// A hiway whose configuration has no on-dead route, its transformer not started yet, with
 /// the on-dead queue an earlier configuration made (bound to the dead-letter exchange), and
 /// a channel to publish with.
-async fn with_on_dead_queue_left() -> (TestHiway, lapin::Connection, lapin::Channel) {
+async fn with_on_dead_queue_left() -> (TestHiway, Connection, Publisher) {
     let app = TestHiway::spawn_with(
         "[channels.forms]\nclients = [\"source\"]\n",
         hiway_tests::Services {
@@ -288,32 +291,30 @@ async fn with_on_dead_queue_left() -> (TestHiway, lapin::Connection, lapin::Chan
         },
     )
     .await;
-    let connection = lapin::Connection::connect(app.config.broker.url.expose(), Default::default())
+    let broker = Broker::new(&app.config);
+    let connection = broker.connect("on-dead-test").await.unwrap();
+    let channel = connection.channel().await.unwrap();
+    channel
+        .declare(&hiway_proto::topology::plan_on_dead(
+            &app.names(),
+            app.config.broker.delivery_limit,
+        ))
         .await
         .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    hiway_proto::topology::declare_on_dead(
-        &channel,
-        &app.names(),
-        app.config.broker.delivery_limit,
-    )
-    .await
-    .unwrap();
-    (app, connection, channel)
+    channel.close().await;
+    let publisher = broker.publisher(&connection).await.unwrap();
+    (app, connection, publisher)
 }
 
 /// Publishes a dead letter and waits until the audit service has stored it (the `n`th).
-async fn dead_letter(app: &TestHiway, channel: &lapin::Channel, n: usize) {
-    channel
-        .basic_publish(
-            app.names().dead_exchange().as_str().into(),
-            "forms".into(),
-            lapin::options::BasicPublishOptions::default(),
+async fn dead_letter(app: &TestHiway, publisher: &Publisher, n: usize) {
+    publisher
+        .publish(
+            &app.names().dead_exchange(),
+            "forms",
             b"dead body",
-            lapin::BasicProperties::default().with_delivery_mode(2),
+            BasicProperties::default().with_delivery_mode(2),
         )
-        .await
-        .unwrap()
         .await
         .unwrap();
     eventually("the dead letter is stored", WAIT, || async {
@@ -340,25 +341,19 @@ async fn start_transformer(
 
 #[tokio::test]
 async fn an_on_dead_queue_left_by_an_earlier_configuration_is_deleted_with_its_copies() {
-    let (app, connection, channel) = with_on_dead_queue_left().await;
+    let (app, connection, publisher) = with_on_dead_queue_left().await;
     let on_dead = app.names().on_dead_queue();
-    dead_letter(&app, &channel, 1).await;
+    dead_letter(&app, &publisher, 1).await;
     assert_eq!(app.queue_depth(&on_dead).await, 1);
 
     let (stop, running) = start_transformer(&app).await;
 
-    let passive = lapin::options::QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
-    let found = channel
-        .queue_declare(on_dead.as_str().into(), passive, Default::default())
-        .await;
-    assert!(found.is_err(), "the on-dead queue is gone");
+    let check = connection.channel().await.unwrap();
+    let found = check.queue_depth(&on_dead).await;
+    assert!(found.is_err(), "the on-dead queue is gone: {found:?}");
     // The dead letter itself is stored, and later ones still are.
-    let channel = connection.create_channel().await.unwrap();
-    dead_letter(&app, &channel, 2).await;
-    let _ = connection.close(200, "".into()).await;
+    dead_letter(&app, &publisher, 2).await;
+    connection.close(200, "done").await;
     stop.cancel();
     running.await.unwrap().unwrap();
     app.shutdown().await;

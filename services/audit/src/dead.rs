@@ -1,9 +1,9 @@
 //! Reading a dead-lettered delivery into a [`DeadLetter`].
 
 use chrono::Utc;
+use hiway_proto::amqp::{AMQPValue, FieldTable};
 use hiway_proto::{MessageId, headers};
-use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable};
+use hiway_runtime::amqp::Delivery;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 

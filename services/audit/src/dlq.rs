@@ -10,11 +10,11 @@
 
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
+use hiway_proto::amqp::BasicProperties;
+use hiway_proto::amqp::{AMQPValue, FieldArray, FieldTable, LongString};
 use hiway_proto::audit::{AuditEvent, AuditKind};
 use hiway_proto::{DestinationName, MessageId, Names, headers};
 use hiway_runtime::Publisher;
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 use uuid::Uuid;

@@ -19,11 +19,8 @@ use futures_util::StreamExt;
 use hiway_config::Config;
 use hiway_proto::audit::AuditBatch;
 use hiway_runtime::Broker;
-use hiway_runtime::amqp::{close_channel, settle};
+use hiway_runtime::amqp::{BrokerError, Connection, Consumer, Delivery};
 use hiway_runtime::consume::Reconnect;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::{Connection, Consumer};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tokio::time::Instant;
@@ -38,7 +35,7 @@ pub use store::{MIGRATOR, TrailEntry, trail};
 pub enum Error {
     /// The broker could not be reached or the topology not declared.
     #[error("cannot connect to the broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] BrokerError),
     /// PostgreSQL could not be reached.
     #[error("cannot connect to PostgreSQL: {0}")]
     Database(#[from] sqlx::Error),
@@ -132,17 +129,19 @@ async fn session(
     writer: &Writer,
     prefetch: u16,
     stop: &CancellationToken,
-) -> Result<(), lapin::Error> {
+) -> Result<(), BrokerError> {
     let names = broker.names();
     // Prefetch must exceed a batch (each message carries one or a few events), or batches
     // would only ever be flushed by the timer.
-    let (events_channel, events) = broker
+    let events = broker
         .consumer(conn, &names.audit_queue(), "hiway-audit", prefetch)
         .await?;
     // Dead letters are stored one at a time; a small window is plenty.
-    let (dead_channel, dead) = broker
+    let dead = broker
         .consumer(conn, &names.dead_queue(), "hiway-audit-dead", 16)
         .await?;
+    // Closed after the loops end, before their connection: a clean close, not a dropped one.
+    let channels = [events.channel().clone(), dead.channel().clone()];
     tracing::info!(queue = %names.audit_queue(), batch_size = writer.batch_size, "audit consuming");
     let (a, b) = tokio::join!(
         async {
@@ -156,8 +155,9 @@ async fn session(
             r
         }
     );
-    close_channel(&events_channel).await;
-    close_channel(&dead_channel).await;
+    for channel in channels {
+        channel.close().await;
+    }
     a.and(b)
 }
 
@@ -181,7 +181,7 @@ impl Writer {
         &self,
         mut consumer: Consumer,
         stop: &CancellationToken,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), BrokerError> {
         loop {
             let mut batch = Batch::default();
             let mut deadline: Option<Instant> = None;
@@ -204,12 +204,12 @@ impl Writer {
                                 }
                                 Err(error) => {
                                     tracing::warn!(%error, "an audit message is not a valid batch; dead-lettering it");
-                                    settle(delivery.nack(BasicNackOptions { requeue: false, ..Default::default() })).await?;
+                                    delivery.nack(false).await?;
                                 }
                             }
                         }
                         Some(Err(error)) => return Err(error),
-                        None => return Err(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into()),
+                        None => return Err(BrokerError::Closed),
                     },
                     _ = timer => break,
                     _ = stop.cancelled() => { stopping = true; break; }
@@ -223,7 +223,7 @@ impl Writer {
                 }
                 // One ack for the whole batch: every delivery up to this one on this channel
                 // was either part of it or already rejected.
-                settle(last.ack(BasicAckOptions { multiple: true })).await?;
+                last.ack(true).await?;
             }
             if stopping {
                 return Ok(());
@@ -264,13 +264,13 @@ impl Writer {
         &self,
         mut consumer: Consumer,
         stop: &CancellationToken,
-    ) -> Result<(), lapin::Error> {
+    ) -> Result<(), BrokerError> {
         loop {
             let delivery = tokio::select! {
                 next = consumer.next() => match next {
                     Some(Ok(d)) => d,
                     Some(Err(error)) => return Err(error),
-                    None => return Err(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed).into()),
+                    None => return Err(BrokerError::Closed),
                 },
                 _ = stop.cancelled() => return Ok(()),
             };
@@ -289,7 +289,7 @@ impl Writer {
                     }
                 }
             }
-            settle(delivery.ack(BasicAckOptions::default())).await?;
+            delivery.ack(false).await?;
         }
     }
 }

@@ -100,7 +100,7 @@ pub async fn run(config: &Config, pool: &PgPool, action: Action) -> anyhow::Resu
                 .context("cannot connect to the broker")?;
             let publisher = broker.publisher(&connection).await?;
             let report = dlq::replay(pool, &publisher, broker.names(), &selection).await?;
-            hiway_runtime::amqp::close_connection(&connection, 200, "done").await;
+            connection.close(200, "done").await;
             crate::print(format_args!(
                 "replayed {}; failed {} (still dead: run the same command again)\n",
                 report.replayed, report.failed

@@ -5,8 +5,6 @@ use std::fmt::Write as _;
 use hiway_config::Config;
 use hiway_proto::audit::AuditKind;
 use hiway_runtime::Broker;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use sqlx::PgPool;
 
 /// One destination's numbers.
@@ -32,37 +30,18 @@ pub struct DestinationStatus {
 pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<DestinationStatus>> {
     let broker = Broker::new(config);
     let connection = broker.connect("hiway-status").await?;
-    let channel = connection.create_channel().await?;
+    let channel = connection.channel().await?;
     let names = config.names();
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..Default::default()
-    };
     let mut out = Vec::new();
     for (name, d) in &config.destinations {
-        let q = channel
-            .queue_declare(
-                names.deliver_queue(name).into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await?;
+        let q = channel.queue_depth(&names.deliver_queue(name)).await?;
         let mut retrying = Vec::new();
         let mut delays = d.retry.schedule.clone();
         delays.sort();
         delays.dedup();
         for delay in delays {
-            let rq = channel
-                .queue_declare(
-                    names.retry_queue(name, delay).into(),
-                    passive,
-                    FieldTable::default(),
-                )
-                .await?;
-            retrying.push((
-                humantime::format_duration(delay).to_string(),
-                rq.message_count(),
-            ));
+            let rq = channel.queue_depth(&names.retry_queue(name, delay)).await?;
+            retrying.push((humantime::format_duration(delay).to_string(), rq.ready));
         }
         let dead: i64 = sqlx::query_scalar(
             "select count(*) from dead_letters where state = 'dead' and destination = $1",
@@ -92,15 +71,15 @@ pub async fn read(config: &Config, pool: &PgPool) -> anyhow::Result<Vec<Destinat
         };
         out.push(DestinationStatus {
             name: name.to_string(),
-            queued: q.message_count(),
-            consumers: q.consumer_count(),
+            queued: q.ready,
+            consumers: q.consumers,
             retrying,
             dead,
             circuit,
             circuit_why,
         });
     }
-    hiway_runtime::amqp::close_connection(&connection, 200, "done").await;
+    connection.close(200, "done").await;
     Ok(out)
 }
 

@@ -23,7 +23,7 @@ use axum::routing::{get, post};
 use hiway_config::{ChannelConfig, Config};
 use hiway_proto::{ChannelName, Names};
 use hiway_runtime::Broker;
-use lapin::Connection;
+use hiway_runtime::amqp::{BrokerError, Connection};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
@@ -45,7 +45,7 @@ pub enum Error {
     },
     /// The broker could not be reached or the topology not declared.
     #[error("cannot connect to the broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] BrokerError),
     /// PostgreSQL (the idempotency key store) could not be reached or migrated.
     #[error("cannot prepare the idempotency key store: {0}")]
     Database(#[from] sqlx::Error),

@@ -9,9 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use futures_util::StreamExt;
-use hiway_runtime::amqp::close_connection;
+use hiway_runtime::amqp::{Connection, ConnectionEvent};
 use hiway_runtime::{Broker, Publisher};
-use lapin::{Connection, Event};
 use tokio_util::sync::CancellationToken;
 
 /// What requests need to know about the broker link.
@@ -68,18 +67,16 @@ impl Link {
                 continue;
             };
             // Subscribe before anything can happen on the connection, so no event is missed.
-            let mut events = conn.events_listener();
+            let mut events = conn.events();
             match broker.publisher(&conn).await {
                 Ok(p) => {
-                    self.0
-                        .blocked
-                        .store(conn.status().blocked(), Ordering::Release);
+                    self.0.blocked.store(conn.is_blocked(), Ordering::Release);
                     self.set(Some(p));
                     tracing::info!("ingress connected to the broker");
                 }
                 Err(error) => {
                     tracing::warn!(%error, "cannot open a publishing channel");
-                    close_connection(&conn, 320, "reconnecting").await;
+                    conn.close(320, "reconnecting").await;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     continue;
                 }
@@ -88,19 +85,18 @@ impl Link {
                 tokio::select! {
                     _ = stop.cancelled() => break false,
                     event = events.next() => match event {
-                        Some(Event::ConnectionBlocked(reason)) => {
+                        Some(ConnectionEvent::Blocked(reason)) => {
                             tracing::warn!(%reason, "the broker blocks publishers: answering 503");
                             self.0.blocked.store(true, Ordering::Release);
                         }
-                        Some(Event::ConnectionUnblocked) => {
+                        Some(ConnectionEvent::Unblocked) => {
                             tracing::info!("the broker unblocked publishers");
                             self.0.blocked.store(false, Ordering::Release);
                         }
-                        Some(Event::Error(error)) => {
+                        Some(ConnectionEvent::Failed(error)) => {
                             tracing::warn!(%error, "broker connection lost: answering 503 until it is back");
                             break true;
                         }
-                        Some(_) => {}
                         None => break true,
                     }
                 }
@@ -120,7 +116,7 @@ impl Link {
             if !failed {
                 // Shutting down: in-flight requests finished before `stop` reached us (the
                 // server drains first), so closing now loses no confirm.
-                close_connection(&conn, 200, "shutdown").await;
+                conn.close(200, "shutdown").await;
                 break;
             }
         }

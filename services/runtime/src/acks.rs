@@ -1,7 +1,7 @@
 //! Acknowledgements for one consumer channel, grouped into multiple-acks.
 //!
 //! Why: every `basic.ack` is a command the broker runs through the quorum queue's Raft log,
-//! and a frame, a wake-up of lapin's I/O thread and of the broker's channel process. Acked
+//! and a frame, a wake-up of the AMQP client's I/O and of the broker's channel process. Acked
 //! one by one they were the largest cost per message that hiway controls: with acks turned
 //! off as an experiment, the benchmark's sustained rate went from 1500/s to 2500/s. One
 //! `basic.ack` with `multiple = true` settles every outstanding delivery up to its tag.
@@ -22,8 +22,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use crate::client::{BrokerError, Channel};
 use tokio::sync::mpsc;
 
 /// How a handler settled one delivery.
@@ -146,7 +145,7 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>, limit: u
             continue;
         }
         // Nacks first, then the acks, each group all at once: awaiting frame by frame would
-        // cost a round trip to lapin's I/O thread per frame. A nack must reach the broker
+        // cost a round trip to the client's I/O per frame. A nack must reach the broker
         // before a multiple-ack that passes its tag; the acks of one round cover disjoint
         // tags, so their order does not matter.
         let (nacks, acks): (Vec<Frame>, Vec<Frame>) = frames
@@ -167,26 +166,11 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<Report>, limit: u
     }
 }
 
-async fn send(channel: &Channel, frame: Frame) -> Result<(), lapin::Error> {
-    let sent = async {
-        match frame {
-            Frame::Ack { tag, multiple } => {
-                channel.basic_ack(tag, BasicAckOptions { multiple }).await
-            }
-            Frame::Nack { tag, requeue } => {
-                channel
-                    .basic_nack(
-                        tag,
-                        BasicNackOptions {
-                            multiple: false,
-                            requeue,
-                        },
-                    )
-                    .await
-            }
-        }
-    };
-    crate::amqp::settle(sent).await
+async fn send(channel: &Channel, frame: Frame) -> Result<(), BrokerError> {
+    match frame {
+        Frame::Ack { tag, multiple } => channel.ack(tag, multiple).await,
+        Frame::Nack { tag, requeue } => channel.nack(tag, requeue).await,
+    }
 }
 
 /// One frame to send.

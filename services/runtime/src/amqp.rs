@@ -3,16 +3,14 @@
 use std::time::Duration;
 
 use hiway_config::{Config, SecretString};
+use hiway_proto::amqp::{AMQPValue, BasicProperties, LongString};
 use hiway_proto::topology::DestinationTopology;
 use hiway_proto::{Names, topology};
-use lapin::Confirmation;
-use lapin::message::Delivery;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use tokio_util::sync::CancellationToken;
+
+pub use crate::client::{
+    BrokerError, Channel, Confirm, Connection, ConnectionEvent, Consumer, Delivery, QueueDepth,
+};
 
 /// Why a publish was not accepted by the broker. In every case the message may not be stored,
 /// so the caller must not report success (ingress answers 503; a consumer does not ack).
@@ -20,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 pub enum PublishError {
     /// The channel or connection failed.
     #[error("the broker connection failed: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] BrokerError),
     /// The broker refused to take responsibility for the message.
     #[error("the broker refused the message (nack)")]
     Nacked,
@@ -80,29 +78,23 @@ impl Broker {
     ///
     /// Bounded by `broker.connect_timeout`: a broker that takes the TCP connection but never
     /// finishes the AMQP handshake (one shutting down, or wedged) must not hang a service.
-    pub async fn connect(&self, name: &str) -> Result<Connection, lapin::Error> {
+    pub async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
         match tokio::time::timeout(self.connect_timeout, self.connect_unbounded(name)).await {
             Ok(result) => result,
-            Err(_) => Err(timed_out(format!(
+            Err(_) => Err(BrokerError::TimedOut(format!(
                 "no AMQP handshake within {:?}",
                 self.connect_timeout
             ))),
         }
     }
 
-    async fn connect_unbounded(&self, name: &str) -> Result<Connection, lapin::Error> {
-        let props = ConnectionProperties::default().with_connection_name(name.into());
-        let connection = Connection::connect(self.url.expose(), props).await?;
-        let channel = connection.create_channel().await?;
-        topology::declare(
-            &channel,
-            &self.names,
-            &self.destinations,
-            self.delivery_limit,
-        )
-        .await?;
+    async fn connect_unbounded(&self, name: &str) -> Result<Connection, BrokerError> {
+        let connection = Connection::open(self.url.expose(), name).await?;
+        let channel = connection.channel().await?;
+        let plan = topology::plan(&self.names, &self.destinations, self.delivery_limit);
+        channel.declare(&plan).await?;
         // A channel used for declarations only; closing it keeps the broker's channel list tidy.
-        let _ = channel.close(200, "declared".into()).await;
+        channel.close().await;
         Ok(connection)
     }
 
@@ -130,11 +122,9 @@ impl Broker {
     }
 
     /// A channel in confirm mode on `connection`.
-    pub async fn publisher(&self, connection: &Connection) -> Result<Publisher, lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+    pub async fn publisher(&self, connection: &Connection) -> Result<Publisher, BrokerError> {
+        let channel = connection.channel().await?;
+        channel.confirm_select().await?;
         Ok(Publisher {
             channel,
             timeout: self.publish_timeout,
@@ -151,20 +141,9 @@ impl Broker {
         queue: &str,
         tag: &str,
         prefetch: u16,
-    ) -> Result<(Channel, Consumer), lapin::Error> {
-        let channel = connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions { global: false })
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.into(),
-                tag.into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok((channel, consumer))
+    ) -> Result<Consumer, BrokerError> {
+        let channel = connection.channel().await?;
+        channel.consume(queue, tag, prefetch).await
     }
 }
 
@@ -190,32 +169,15 @@ impl Publisher {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<(), PublishError> {
-        let confirm = async {
-            let pending = self
-                .channel
-                .basic_publish(
-                    exchange.into(),
-                    routing_key.into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    body,
-                    properties,
-                )
-                .await?;
-            pending.await
-        };
+        let confirm = self
+            .channel
+            .publish(exchange, routing_key, body, properties);
         match tokio::time::timeout(self.timeout, confirm).await {
             Err(_) => Err(PublishError::Timeout(self.timeout)),
             Ok(Err(e)) => Err(PublishError::Broker(e)),
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                Err(PublishError::Unroutable(routing_key.to_owned()))
-            }
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
-            // Every publisher channel is put in confirm mode when it is made.
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+            Ok(Ok(Confirm::Ack)) => Ok(()),
+            Ok(Ok(Confirm::Returned)) => Err(PublishError::Unroutable(routing_key.to_owned())),
+            Ok(Ok(Confirm::Nack)) => Err(PublishError::Nacked),
         }
     }
 
@@ -305,101 +267,17 @@ impl Publisher {
             .await
     }
 
-    /// Closes the channel, after the confirms in flight on it (see [`close_channel`]). Closing channels before their
-    /// connection is what makes a shutdown clean (lapin reports a channel dropped while its
-    /// connection closes as a connection error).
+    /// Closes the channel ([`Channel::close`]).
     pub async fn close(&self) {
-        close_channel(&self.channel).await;
+        self.channel.close().await;
     }
 
     /// Whether the channel can still publish.
     pub fn is_open(&self) -> bool {
-        self.channel.status().connected()
+        self.channel.is_open()
     }
 }
 
 fn long_string(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
-}
-
-/// How long a clean close may take: a broker that does not answer must not hold up a shutdown,
-/// and nothing is lost by giving up (unacknowledged deliveries are redelivered).
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Closes a channel if it is open, waiting at most a few seconds for the broker.
-pub async fn close_channel(channel: &Channel) {
-    if channel.status().connected() {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "closing".into())).await;
-    }
-}
-
-/// Closes a connection, waiting at most a few seconds for the broker.
-pub async fn close_connection(connection: &Connection, code: u16, reason: &str) {
-    if connection.status().connected() {
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(code, reason.into())).await;
-    }
-}
-
-/// How long an ack, nack or reject may take. lapin answers one as soon as its frame is handed
-/// to the connection, so a healthy connection answers within milliseconds; but one issued just
-/// as the connection dies may never be answered at all (seen in the broker-restart test: the
-/// audit service waited on its batch ack for ever and never reconnected).
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Awaits an ack, nack, reject or consumer cancel (`delivery.ack(..)`, `channel.basic_ack(..)`
-/// and the like), for at most [`SETTLE_TIMEOUT`]. A timeout is an error like a failed
-/// connection: the caller ends its session and reconnects, and the broker redelivers whatever
-/// was not settled.
-pub async fn settle<T>(op: impl Future<Output = lapin::Result<T>>) -> Result<(), lapin::Error> {
-    settle_within(SETTLE_TIMEOUT, op).await
-}
-
-async fn settle_within<T>(
-    limit: Duration,
-    op: impl Future<Output = lapin::Result<T>>,
-) -> Result<(), lapin::Error> {
-    match tokio::time::timeout(limit, op).await {
-        // An acker's `Ok(false)` means the channel had already failed: the broker redelivers
-        // the message, and the consumer's stream reports that failure next.
-        Ok(result) => result.map(|_| ()),
-        Err(_) => Err(timed_out(format!(
-            "the broker did not take an acknowledgement within {limit:?}"
-        ))),
-    }
-}
-
-/// A lapin error for a wait on the broker that ran out of time.
-fn timed_out(what: String) -> lapin::Error {
-    lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
-        std::io::Error::new(std::io::ErrorKind::TimedOut, what),
-    )))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn an_acknowledgement_that_is_never_answered_ends_in_an_error_naming_the_wait() {
-        let error = settle_within(
-            Duration::from_millis(20),
-            std::future::pending::<lapin::Result<()>>(),
-        )
-        .await
-        .unwrap_err();
-        assert!(
-            error
-                .to_string()
-                .contains("did not take an acknowledgement within 20ms"),
-            "{error}"
-        );
-    }
-
-    #[tokio::test]
-    async fn an_acknowledgement_on_a_channel_already_failed_is_left_to_the_redelivery() {
-        // lapin answers Ok(false) when the channel died first: nothing to wait for.
-        settle_within(Duration::from_millis(20), async { Ok(false) })
-            .await
-            .unwrap();
-    }
 }

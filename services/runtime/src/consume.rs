@@ -5,11 +5,9 @@ use std::future::Future;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use lapin::message::Delivery;
-use lapin::options::BasicCancelOptions;
-use lapin::{Channel, Connection, Consumer};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::{BrokerError, Connection, Consumer, Delivery};
 use crate::{Acks, Broker};
 
 /// Hands out broker connections to a worker until `stop`: first the one `build` made, then a
@@ -63,15 +61,15 @@ impl<'a> Reconnect<'a> {
     }
 
     /// Closes the connection a session ran on and records how it ended.
-    pub async fn ended(&mut self, connection: Connection, result: Result<(), lapin::Error>) {
+    pub async fn ended(&mut self, connection: Connection, result: Result<(), BrokerError>) {
         match result {
             Ok(()) => {
-                crate::amqp::close_connection(&connection, 200, "shutdown").await;
+                connection.close(200, "shutdown").await;
                 self.done = true;
             }
             Err(error) => {
                 tracing::warn!(%error, service = self.service, "broker session ended; reconnecting");
-                crate::amqp::close_connection(&connection, 320, "reconnecting").await;
+                connection.close(320, "reconnecting").await;
                 self.done = self.stop.is_cancelled();
             }
         }
@@ -80,27 +78,27 @@ impl<'a> Reconnect<'a> {
 
 /// Hands each delivery of `consumer` to `handle`, up to `concurrency` at once, until `stop`.
 /// Each handler reports its delivery's verdict to the [`Acks`] it is given, which groups the
-/// acks of `channel` (the consumer's channel).
+/// acks of the consumer's channel.
 ///
 /// On stop it cancels the consumer (no new delivery comes), lets the deliveries in hand and
 /// those already received finish (each reports its verdict) for at most `drain`, sends the
 /// acks reported, then returns `Ok`. A broker error ends it with that error.
 pub async fn consume_concurrently<H, Fut>(
-    channel: &Channel,
     consumer: Consumer,
     concurrency: usize,
     stop: &CancellationToken,
     drain: Duration,
     handle: H,
-) -> Result<(), lapin::Error>
+) -> Result<(), BrokerError>
 where
     H: Fn(Delivery, Acks) -> Fut,
     Fut: Future,
 {
     // Every delivery of the window is in hand at once, so the window is `concurrency`.
     let window = u16::try_from(concurrency).unwrap_or(u16::MAX);
-    let (acks, ack_task) = crate::acks::start(channel, window);
-    let tag = consumer.tag();
+    let channel = consumer.channel().clone();
+    let (acks, ack_task) = crate::acks::start(&channel, window);
+    let tag = consumer.tag().to_owned();
     let work = consumer.try_for_each_concurrent(concurrency, |delivery| {
         let fut = handle(delivery, acks.clone());
         async move {
@@ -109,14 +107,13 @@ where
         }
     });
     // On stop the consumer is cancelled rather than dropped: the broker sends no more, and
-    // lapin ends the stream after the deliveries already received, which the handlers still
+    // the client ends the stream after the deliveries already received, which the handlers still
     // get (the transformer routes them, the sender puts them back untried). Dropped, they
     // would go back to the queue only when the channel closes, each counted as a delivery
     // toward `delivery_limit`.
     let cancel = async {
         stop.cancelled().await;
-        let cancelled = channel.basic_cancel(tag, BasicCancelOptions::default());
-        if let Err(error) = crate::amqp::settle(cancelled).await {
+        if let Err(error) = channel.cancel(&tag).await {
             tracing::debug!(%error, "could not cancel the consumer; its channel is going anyway");
         }
         std::future::pending::<()>().await
@@ -131,5 +128,7 @@ where
         }
     };
     ack_task.finish().await;
+    // The consumer's channel is done with: its unsettled deliveries go back to the queue.
+    channel.close().await;
     ended
 }

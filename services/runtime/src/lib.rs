@@ -5,6 +5,7 @@ pub mod acks;
 pub mod amqp;
 pub mod audit;
 pub mod cli;
+pub mod client;
 pub mod consume;
 pub mod shutdown;
 pub mod telemetry;

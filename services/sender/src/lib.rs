@@ -31,14 +31,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 use hiway_config::Config;
+use hiway_proto::amqp::BasicProperties;
 use hiway_proto::audit::{AuditEvent, AuditKind};
 use hiway_proto::{Envelope, Names};
-use hiway_runtime::amqp::close_channel;
+use hiway_runtime::amqp::{BrokerError, Connection, Delivery};
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
-use lapin::Connection;
-use lapin::message::Delivery;
-use lapin::options::BasicGetOptions;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -53,7 +51,7 @@ const SERVICE: &str = "sender";
 pub enum Error {
     /// The broker could not be reached or the topology not declared.
     #[error("cannot connect to the broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] BrokerError),
     /// A destination's settings cannot be used.
     #[error(transparent)]
     Destination(#[from] DestinationError),
@@ -116,7 +114,7 @@ async fn session(
     sender: &Settings,
     conn: &Connection,
     stop: &CancellationToken,
-) -> Result<(), lapin::Error> {
+) -> Result<(), BrokerError> {
     let publisher = broker.publisher(conn).await?;
     // The audit events of every delivery in hand, across destinations, leave together.
     let (audit, audit_writer) = AuditBatcher::start(publisher.clone());
@@ -155,7 +153,7 @@ async fn serve(
     destination: &Destination,
     drain: Duration,
     stop: &CancellationToken,
-) -> Result<(), lapin::Error> {
+) -> Result<(), BrokerError> {
     let names = broker.names();
     let queue = names.deliver_queue(&destination.name);
     let breaker = Breaker::new(destination.circuit.failures);
@@ -165,7 +163,7 @@ async fn serve(
         breaker.arm(round.clone());
         // Prefetch covers the requests in flight and the messages whose outcome awaits its
         // confirm, so the next request starts as soon as a slot frees.
-        let (channel, consumer) = broker
+        let consumer = broker
             .consumer(conn, &queue, "hiway-sender", destination.prefetch)
             .await?;
         tracing::info!(%queue, concurrency = destination.concurrency, prefetch = destination.prefetch, "sender consuming");
@@ -173,7 +171,6 @@ async fn serve(
         // them talk to the destination while the others wait for a slot or for their outcome
         // to be confirmed.
         consume_concurrently(
-            &channel,
             consumer,
             usize::from(destination.prefetch),
             &round,
@@ -182,9 +179,8 @@ async fn serve(
         )
         .await?;
         // The messages held but not started are back in the queue ([`give_back`]): they wait
-        // there rather than fail against a destination that is down. Closing the channel
-        // returns any that could not be put back.
-        close_channel(&channel).await;
+        // there rather than fail against a destination that is down. The consumer's channel
+        // is closed, which returns any that could not be put back.
         if stop.is_cancelled() {
             return Ok(());
         }
@@ -196,22 +192,19 @@ async fn serve(
                 _ = stop.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(destination.circuit.cool_down) => {}
             }
-            let probe_channel = conn.create_channel().await?;
-            let got = probe_channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await?;
-            let Some(message) = got else {
+            let probe_channel = conn.channel().await?;
+            let Some(probe) = probe_channel.get(&queue).await? else {
                 // Nothing to probe with: the circuit stays open until a message arrives.
-                close_channel(&probe_channel).await;
+                probe_channel.close().await;
                 continue;
             };
-            let id = Envelope::from_properties(&message.delivery.properties)
+            let id = Envelope::from_properties(&probe.properties)
                 .ok()
                 .map(|e| e.id);
             let (acks, ack_task) = hiway_runtime::acks::start(&probe_channel, 1);
-            let answered = deliver(destination, out, &breaker, None, message.delivery, acks).await;
+            let answered = deliver(destination, out, &breaker, None, probe, acks).await;
             ack_task.finish().await;
-            close_channel(&probe_channel).await;
+            probe_channel.close().await;
             if answered {
                 tracing::info!(destination = %destination.name, "probe answered: circuit closed");
                 if let Some(id) = id {
@@ -454,7 +447,7 @@ async fn give_back(
     acks: &Acks,
     delivery_tag: u64,
     body: &[u8],
-    properties: lapin::BasicProperties,
+    properties: BasicProperties,
 ) {
     let exchange = out.names.deliver_exchange();
     match out

@@ -3,9 +3,8 @@
 
 use std::time::Duration;
 
+use hiway_proto::amqp::{AMQPValue, BasicProperties, FieldTable, LongString};
 use hiway_proto::{Envelope, headers};
-use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 
 /// How many past attempts a message carries in its headers; older ones are in the trail.

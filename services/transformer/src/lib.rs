@@ -24,14 +24,12 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
-use hiway_proto::topology::{DEAD_KEY_INGRESS, declare_on_dead, delete_on_dead};
+use hiway_proto::topology::{self, DEAD_KEY_INGRESS};
 use hiway_proto::{Envelope, Names, RouteName, headers};
-use hiway_runtime::amqp::close_channel;
+use hiway_runtime::amqp::{BrokerError, Connection, Delivery};
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
 use hiway_transform::{Applied, Input, Meta, Transforms};
-use lapin::Connection;
-use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -44,7 +42,7 @@ const SERVICE: &str = "transformer";
 pub enum Error {
     /// The broker could not be reached or the topology not declared.
     #[error("cannot connect to the broker: {0}")]
-    Broker(#[from] lapin::Error),
+    Broker(#[from] BrokerError),
     /// A route's program does not compile, or a lookup table does not read.
     #[error("the routes' programs cannot be used:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Transforms(Vec<String>),
@@ -138,7 +136,7 @@ async fn session(
     router: &Router,
     settings: &Settings,
     stop: &CancellationToken,
-) -> Result<(), lapin::Error> {
+) -> Result<(), BrokerError> {
     let names = broker.names();
     let publisher = broker.publisher(conn).await?;
     // The audit events of every message in hand leave together, one broker message per batch.
@@ -152,12 +150,11 @@ async fn session(
     // prefetch × the largest body); all of them are handled concurrently, so their confirms
     // are in flight together.
     let prefetch = settings.prefetch;
-    let (channel, consumer) = broker
+    let consumer = broker
         .consumer(conn, &names.ingress_queue(), "hiway-transformer", prefetch)
         .await?;
     tracing::info!(queue = %names.ingress_queue(), prefetch, "transformer consuming");
     let ingress = consume_concurrently(
-        &channel,
         consumer,
         usize::from(prefetch),
         stop,
@@ -165,10 +162,12 @@ async fn session(
         |delivery, acks| route(&out, router, delivery, acks),
     );
     let ended = if router.routes.has_on_dead() {
-        let declare = conn.create_channel().await?;
-        declare_on_dead(&declare, names, settings.delivery_limit).await?;
-        close_channel(&declare).await;
-        let (dead_channel, dead_consumer) = broker
+        let declare = conn.channel().await?;
+        declare
+            .declare(&topology::plan_on_dead(names, settings.delivery_limit))
+            .await?;
+        declare.close().await;
+        let dead_consumer = broker
             .consumer(
                 conn,
                 &names.on_dead_queue(),
@@ -177,16 +176,13 @@ async fn session(
             )
             .await?;
         let on_dead = consume_concurrently(
-            &dead_channel,
             dead_consumer,
             usize::from(prefetch),
             stop,
             settings.drain,
             |delivery, acks| route_dead(&out, router, delivery, acks),
         );
-        let ended = tokio::try_join!(ingress, on_dead).map(|_| ());
-        close_channel(&dead_channel).await;
-        ended
+        tokio::try_join!(ingress, on_dead).map(|_| ())
     } else {
         retire_on_dead(conn, names).await;
         ingress.await
@@ -195,24 +191,23 @@ async fn session(
     // they use closes.
     drop(audit);
     audit_writer.finish().await;
-    close_channel(&channel).await;
     publisher.close().await;
     ended
 }
 
 /// With no on-dead route left, deletes the on-dead queue an earlier configuration made
-/// ([`delete_on_dead`]): bound to the dead-letter exchange, it would collect a copy of every
+/// ([`topology::plan_on_dead`]): bound to the dead-letter exchange, it would collect a copy of every
 /// dead letter, read by nobody, for ever. The copies go with it; each is a copy of a dead
 /// letter the audit service stored, so nothing is lost but the reaction of a route that no
 /// longer exists. A transformer still on a configuration with on-dead routes (during a
 /// rolling change) sees its consumer cancelled, reconnects and declares the queue again.
 /// Best effort: a failure is logged and routing goes on.
 async fn retire_on_dead(conn: &Connection, names: &Names) {
-    let Ok(channel) = conn.create_channel().await else {
+    let Ok(channel) = conn.channel().await else {
         return;
     };
     let queue = names.on_dead_queue();
-    match delete_on_dead(&channel, names).await {
+    match channel.delete_queue(&queue).await {
         Ok(0) => {}
         Ok(copies) => tracing::warn!(
             %queue,
@@ -223,7 +218,7 @@ async fn retire_on_dead(conn: &Connection, names: &Names) {
             tracing::warn!(%queue, %error, "could not delete the on-dead queue no route reads any more; delete it by hand")
         }
     }
-    close_channel(&channel).await;
+    channel.close().await;
 }
 
 /// Where a handler's results go: copies and dead letters to the publisher, audit events to
