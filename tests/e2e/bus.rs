@@ -283,3 +283,68 @@ async fn an_unreadable_envelope_is_dead_lettered_with_its_reason_and_does_not_bl
     let _ = connection.close(200, "".into()).await;
     app.shutdown().await;
 }
+
+/// Any AMQP client the services use must take a message whose header bytes are not UTF-8
+/// (another publisher's, or a damaged one) as an ordinary bad message: the transformer
+/// dead-letters it naming the header, the audit service stores that dead letter with the same
+/// header, and the queue goes on. A client that failed to decode it would drop its connection
+/// at every redelivery (docs/design/architecture.md, (o)).
+#[tokio::test]
+async fn a_message_whose_header_is_not_utf8_is_dead_lettered_naming_the_header_and_the_queue_goes_on()
+ {
+    use hiway_proto::amqp::{AMQPValue, LongString};
+    use hiway_proto::{ChannelName, ClientName, Envelope};
+
+    let sink = Receiver::start().await;
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+    let names = app.names();
+    let envelope = Envelope::accepted(
+        ChannelName::parse("forms").unwrap(),
+        ClientName::parse("source").unwrap(),
+        "application/json".into(),
+    );
+    let mut properties = envelope.to_properties();
+    let mut headers = properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        hiway_proto::headers::TRACEPARENT.into(),
+        AMQPValue::LongString(LongString::from(b"00-\xff\xfe-01".to_vec())),
+    );
+    properties = properties.with_headers(headers);
+    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            names.ingress_exchange().into(),
+            hiway_proto::names::INGRESS_KEY.into(),
+            Default::default(),
+            b"{\"damaged\": true}",
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let good = app.post_json("forms", &json!({"after": "damaged"})).await;
+
+    app.wait_for_trail(good, &["delivered"]).await;
+    let dead = hiway_tests::eventually("the dead letter", WAIT, || async {
+        app.dead_letters("dead").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(dead.message_id, Some(envelope.id.as_uuid()));
+    assert!(
+        dead.reason.contains("traceparent") && dead.reason.contains("not UTF-8"),
+        "{}",
+        dead.reason
+    );
+    assert_eq!(dead.dead_by.as_deref(), Some("transformer"));
+    assert_eq!(
+        sink.received().len(),
+        1,
+        "only the good message was delivered"
+    );
+    let _ = connection.close(200, "".into()).await;
+    app.shutdown().await;
+}
