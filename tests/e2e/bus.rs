@@ -247,25 +247,14 @@ async fn a_failed_delivery_is_recorded_and_the_message_delivered_on_a_later_atte
 async fn an_unreadable_envelope_is_dead_lettered_with_its_reason_and_does_not_block_the_queue() {
     let sink = Receiver::start().await;
     let app = TestHiway::spawn(&one_route(&sink)).await;
-    let names = app.names();
     // Published straight to the ingress exchange without hiway's headers, as a misbehaving
     // tool might.
-    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_publish(
-            names.ingress_exchange().into(),
-            hiway_proto::names::INGRESS_KEY.into(),
-            Default::default(),
-            b"{}",
-            lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_behind_ingress(
+        &app,
+        b"{}",
+        lapin::BasicProperties::default().with_message_id("not-a-uuid".into()),
+    )
+    .await;
     let good = app.post_json("forms", &json!({"after": "poison"})).await;
 
     sink.wait_for(1, WAIT).await;
@@ -280,7 +269,6 @@ async fn an_unreadable_envelope_is_dead_lettered_with_its_reason_and_does_not_bl
         .await;
     assert!(reason.contains("message_id"), "{reason}");
     assert_eq!(dead_by.as_deref(), Some("transformer"));
-    let _ = connection.close(200, "".into()).await;
     app.shutdown().await;
 }
 
@@ -297,7 +285,6 @@ async fn a_message_whose_header_is_not_utf8_is_dead_lettered_naming_the_header_a
 
     let sink = Receiver::start().await;
     let app = TestHiway::spawn(&one_route(&sink)).await;
-    let names = app.names();
     let envelope = Envelope::accepted(
         ChannelName::parse("forms").unwrap(),
         ClientName::parse("source").unwrap(),
@@ -310,22 +297,7 @@ async fn a_message_whose_header_is_not_utf8_is_dead_lettered_naming_the_header_a
         AMQPValue::LongString(LongString::from(b"00-\xff\xfe-01".to_vec())),
     );
     properties = properties.with_headers(headers);
-    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_publish(
-            names.ingress_exchange().into(),
-            hiway_proto::names::INGRESS_KEY.into(),
-            Default::default(),
-            b"{\"damaged\": true}",
-            properties,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    publish_behind_ingress(&app, b"{\"damaged\": true}", properties).await;
     let good = app.post_json("forms", &json!({"after": "damaged"})).await;
 
     app.wait_for_trail(good, &["delivered"]).await;
@@ -345,6 +317,27 @@ async fn a_message_whose_header_is_not_utf8_is_dead_lettered_naming_the_header_a
         1,
         "only the good message was delivered"
     );
-    let _ = connection.close(200, "".into()).await;
     app.shutdown().await;
+}
+
+/// Publishes to the ingress exchange with the tests' own client, as another tool would,
+/// bypassing ingress (and so its checks), and waits for the broker's confirm.
+async fn publish_behind_ingress(app: &TestHiway, body: &[u8], properties: lapin::BasicProperties) {
+    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_publish(
+            app.names().ingress_exchange().as_str().into(),
+            hiway_proto::names::INGRESS_KEY.into(),
+            Default::default(),
+            body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let _ = connection.close(200, "published".into()).await;
 }

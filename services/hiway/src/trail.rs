@@ -9,6 +9,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use serde::Deserialize as _;
+
 use hiway_audit::TrailEntry;
 use hiway_proto::DestinationName;
 use hiway_proto::audit::AuditKind;
@@ -42,7 +44,8 @@ pub fn format_trail(id: &str, trail: &[TrailEntry]) -> String {
 /// One event in words. A detail that does not decode (written by another version of hiway,
 /// say) is shown as stored, so nothing recorded is hidden.
 fn describe(detail: &serde_json::Value) -> String {
-    let Ok(kind) = serde_json::from_value::<AuditKind>(detail.clone()) else {
+    // Decoded from the borrowed value: the detail is not copied to be read.
+    let Ok(kind) = AuditKind::deserialize(detail) else {
         return detail.to_string();
     };
     match kind {

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use hiway_proto::amqp::{BasicProperties, FieldTable};
+use hiway_proto::amqp::{BasicProperties, FieldTable, ShortString};
 use hiway_proto::topology::{Declare, ExchangeKind};
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
@@ -113,7 +113,7 @@ impl Connection {
 
 /// How long a clean close may take: a broker that does not answer must not hold up a shutdown,
 /// and nothing is lost by giving up (unacknowledged deliveries are redelivered).
-pub(crate) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long an ack, nack, reject or consumer cancel may take. The client answers one as soon
 /// as its frame is handed to the connection, so a healthy connection answers within
@@ -243,7 +243,7 @@ impl Channel {
             .inner
             .basic_get(queue.into(), BasicGetOptions { no_ack: false })
             .await?;
-        Ok(got.map(|message| Delivery::from_lapin(message.delivery, self)))
+        Ok(got.map(|message| message.delivery.into()))
     }
 
     /// Carries out declarations (the topology's [`plan`](hiway_proto::topology::plan)), in
@@ -350,44 +350,45 @@ pub struct QueueDepth {
     pub consumers: u32,
 }
 
-/// One message delivered to a consumer (or got with [`Channel::get`]).
+/// One message delivered to a consumer (or got with [`Channel::get`]). Made once per message:
+/// its parts are moved out of the client's delivery, nothing is copied.
 pub struct Delivery {
     /// Its tag on the channel, for acks.
     pub delivery_tag: u64,
-    /// The exchange it was published to.
-    pub exchange: String,
     /// The routing key it was published with.
-    pub routing_key: String,
-    /// Whether the broker delivered it before.
-    pub redelivered: bool,
+    pub routing_key: ShortString,
     /// Its properties and headers.
     pub properties: BasicProperties,
     /// Its body.
     pub data: Vec<u8>,
-    channel: Channel,
+    acker: lapin::Acker,
+}
+
+impl From<lapin::message::Delivery> for Delivery {
+    fn from(d: lapin::message::Delivery) -> Self {
+        Self {
+            delivery_tag: d.delivery_tag,
+            routing_key: d.routing_key,
+            properties: d.properties,
+            data: d.data,
+            acker: d.acker,
+        }
+    }
 }
 
 impl Delivery {
-    fn from_lapin(d: lapin::message::Delivery, channel: &Channel) -> Self {
-        Self {
-            delivery_tag: d.delivery_tag,
-            exchange: d.exchange.to_string(),
-            routing_key: d.routing_key.to_string(),
-            redelivered: d.redelivered,
-            properties: d.properties,
-            data: d.data,
-            channel: channel.clone(),
-        }
-    }
-
     /// Acks it, and with `multiple` every unacked delivery before it on its channel.
     pub async fn ack(&self, multiple: bool) -> Result<(), BrokerError> {
-        self.channel.ack(self.delivery_tag, multiple).await
+        settle(self.acker.ack(BasicAckOptions { multiple })).await
     }
 
     /// Nacks it: back to its queue with `requeue`, else to its dead-letter exchange.
     pub async fn nack(&self, requeue: bool) -> Result<(), BrokerError> {
-        self.channel.nack(self.delivery_tag, requeue).await
+        settle(self.acker.nack(BasicNackOptions {
+            requeue,
+            multiple: false,
+        }))
+        .await
     }
 }
 
@@ -415,14 +416,9 @@ impl Stream for Consumer {
     type Item = Result<Delivery, BrokerError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        this.inner.poll_next_unpin(cx).map(|next| {
-            next.map(|result| {
-                result
-                    .map(|d| Delivery::from_lapin(d, &this.channel))
-                    .map_err(BrokerError::from)
-            })
-        })
+        self.inner
+            .poll_next_unpin(cx)
+            .map(|next| next.map(|result| result.map(Delivery::from).map_err(BrokerError::from)))
     }
 }
 
