@@ -37,8 +37,11 @@ pub struct Envelope {
     pub attempt: u32,
     /// Times an operator replayed it.
     pub replay: u32,
-    /// W3C trace context of the request that brought it in.
+    /// W3C trace context of the request that brought it in (valid values only, see
+    /// [`crate::trace`]); passed on to destinations.
     pub traceparent: Option<String>,
+    /// The `tracestate` that came with a valid `traceparent`.
+    pub tracestate: Option<String>,
     /// Set when a route's transform made this copy: which of its outputs it is (0-based), so
     /// that each output has its own idempotency key.
     pub part: Option<u32>,
@@ -88,6 +91,7 @@ impl Envelope {
             attempt: 0,
             replay: 0,
             traceparent: None,
+            tracestate: None,
             part: None,
             path: None,
             method: None,
@@ -142,6 +146,9 @@ impl Envelope {
         h.insert(headers::REPLAY.into(), AMQPValue::LongUInt(self.replay));
         if let Some(traceparent) = &self.traceparent {
             h.insert(headers::TRACEPARENT.into(), long_string(traceparent));
+        }
+        if let Some(tracestate) = &self.tracestate {
+            h.insert(headers::TRACESTATE.into(), long_string(tracestate));
         }
         if let Some(part) = self.part {
             h.insert(headers::PART.into(), AMQPValue::LongUInt(part));
@@ -212,6 +219,7 @@ impl Envelope {
             attempt: counter(h, headers::ATTEMPT)?,
             replay: counter(h, headers::REPLAY)?,
             traceparent: text(h, headers::TRACEPARENT)?,
+            tracestate: text(h, headers::TRACESTATE)?,
             part: int(h, headers::PART)?
                 .map(|v| {
                     u32::try_from(v).map_err(|_| EnvelopeError::Invalid {
@@ -291,6 +299,7 @@ mod tests {
             "application/json".into(),
         );
         e.traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        e.tracestate = Some("congo=t61rcWkgMzE".into());
         e
     }
 

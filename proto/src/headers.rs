@@ -31,8 +31,11 @@ pub const PATH: &str = "x-hiway-path";
 pub const METHOD: &str = "x-hiway-method";
 /// Present (true) on copies made by an on-dead route.
 pub const FROM_DEAD: &str = "x-hiway-from-dead";
-/// W3C trace context, so one trace covers the whole path.
+/// W3C trace context, so one trace covers the whole path: the source's, passed through to
+/// destinations (see [`crate::trace`]). The same names are used as HTTP headers.
 pub const TRACEPARENT: &str = "traceparent";
+/// W3C trace context: vendor-specific trace data that goes with [`TRACEPARENT`].
+pub const TRACESTATE: &str = "tracestate";
 
 /// The HTTP header that carries the message id to destinations, besides `Idempotency-Key`.
 pub const HTTP_MESSAGE_ID: &str = "x-hiway-message-id";

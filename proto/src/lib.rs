@@ -8,6 +8,7 @@
 //!   AMQP body, untouched.
 //! - [`audit`]: the audit events every service publishes.
 //! - [`topology`]: the whole RabbitMQ topology, as a plan of idempotent declarations.
+//! - [`trace`]: which W3C trace context values are carried through to destinations.
 //! - [`amqp`]: AMQP's data model (properties, field tables), without a client.
 
 pub mod amqp;
@@ -17,6 +18,7 @@ pub mod headers;
 pub mod ids;
 pub mod names;
 pub mod topology;
+pub mod trace;
 
 pub use audit::{AuditEvent, AuditKind};
 pub use envelope::{Envelope, EnvelopeError};

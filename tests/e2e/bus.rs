@@ -28,6 +28,9 @@ destinations = ["sink"]
     )
 }
 
+/// The W3C recommendation's example.
+const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
 #[tokio::test]
 async fn a_posted_message_reaches_its_destination_unchanged_and_its_trail_is_stored() {
     let sink = Receiver::start().await;
@@ -38,10 +41,9 @@ async fn a_posted_message_reaches_its_destination_unchanged_and_its_trail_is_sto
     let response = app
         .request("forms")
         .header("content-type", "application/json; charset=utf-8")
-        .header(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
+        .header("traceparent", TRACEPARENT)
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .header("tracestate", "rojo=00f067aa0ba902b7")
         .body(body.to_vec())
         .send()
         .await
@@ -66,6 +68,12 @@ async fn a_posted_message_reaches_its_destination_unchanged_and_its_trail_is_sto
     );
     assert_eq!(r.header("idempotency-key"), Some(id.as_str()));
     assert_eq!(r.header("x-hiway-message-id"), Some(id.as_str()));
+    // The source's trace context goes on as it came; two tracestate lines are one list.
+    assert_eq!(r.header("traceparent"), Some(TRACEPARENT));
+    assert_eq!(
+        r.header("tracestate"),
+        Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
+    );
 
     let trail = app
         .wait_for_trail(id.parse().unwrap(), &["received", "routed", "delivered"])
@@ -317,6 +325,65 @@ async fn a_message_whose_header_is_not_utf8_is_dead_lettered_naming_the_header_a
         1,
         "only the good message was delivered"
     );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_trace_context_that_does_not_parse_is_dropped_and_the_message_is_delivered_without_it() {
+    let sink = Receiver::start().await;
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+    let response = app
+        .request("forms")
+        .header("content-type", "application/json")
+        .header("traceparent", "00-not-a-trace-01")
+        .header("tracestate", "congo=t61rcWkgMzE")
+        .body(b"{}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        202,
+        "a bad traceparent never fails a request"
+    );
+
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(got[0].header("traceparent"), None);
+    assert_eq!(
+        got[0].header("tracestate"),
+        None,
+        "a tracestate only goes with a valid traceparent"
+    );
+    app.shutdown().await;
+}
+
+/// Ingress keeps only valid trace context, but any publisher can set the AMQP headers: the
+/// sender checks them again, so that a value HTTP cannot carry does not fail every attempt.
+#[tokio::test]
+async fn a_trace_header_set_behind_ingress_that_http_cannot_carry_is_not_sent_and_the_message_is_delivered()
+ {
+    use hiway_proto::{ChannelName, ClientName, Envelope};
+
+    let sink = Receiver::start().await;
+    let app = TestHiway::spawn(&one_route(&sink)).await;
+    let mut envelope = Envelope::accepted(
+        ChannelName::parse("forms").unwrap(),
+        ClientName::parse("source").unwrap(),
+        "application/json".into(),
+    );
+    envelope.traceparent = Some(format!("{TRACEPARENT}\r\nx-injected: yes"));
+    envelope.tracestate = Some("congo=t61rcWkgMzE".into());
+    publish_behind_ingress(&app, b"{}", envelope.to_properties()).await;
+
+    let got = sink.wait_for(1, WAIT).await;
+    assert_eq!(
+        got[0].header("x-hiway-message-id"),
+        Some(envelope.id.to_string().as_str())
+    );
+    assert_eq!(got[0].header("traceparent"), None);
+    assert_eq!(got[0].header("tracestate"), None);
+    assert_eq!(got[0].header("x-injected"), None);
+    app.wait_for_trail(envelope.id, &["delivered"]).await;
     app.shutdown().await;
 }
 

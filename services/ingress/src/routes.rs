@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hiway_config::OnStoreError;
 use hiway_proto::names::INGRESS_KEY;
-use hiway_proto::{ChannelName, Envelope, headers};
+use hiway_proto::{ChannelName, Envelope, headers, trace};
 use serde::Serialize;
 use tracing::Instrument;
 
@@ -102,10 +102,25 @@ pub async fn post_message(
     })?;
 
     let mut envelope = Envelope::accepted(channel_name, client, content_type);
+    // The source's trace context, passed on to destinations; a value that does not parse is
+    // dropped, never refused (see hiway_proto::trace), and a tracestate only goes with a
+    // valid traceparent. Several tracestate lines are one list, joined as HTTP joins them.
     envelope.traceparent = request_headers
         .get(headers::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
+        .and_then(trace::traceparent)
         .map(str::to_owned);
+    if envelope.traceparent.is_some() {
+        let lines: Option<Vec<&str>> = request_headers
+            .get_all(headers::TRACESTATE)
+            .iter()
+            .map(|v| v.to_str().ok())
+            .collect();
+        envelope.tracestate = lines
+            .filter(|l| !l.is_empty())
+            .map(|l| l.join(","))
+            .filter(|joined| trace::tracestate(joined).is_some());
+    }
     let id = envelope.id;
 
     // Duplicate detection, for channels that ask for it.

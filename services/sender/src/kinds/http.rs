@@ -5,7 +5,7 @@
 //! headers and credentials, the message's content type and its idempotency key.
 
 use bytes::Bytes;
-use hiway_proto::{Envelope, headers};
+use hiway_proto::{Envelope, headers, trace};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, RequestBuilder, StatusCode, Url};
 
@@ -41,7 +41,8 @@ pub(crate) async fn send(destination: &Destination, envelope: &Envelope, body: B
 
 /// The request for a message, without its body: the destination's URL (with the path a
 /// transform chose, if any) and method (or the transform's), its headers, the message's
-/// content type, `Idempotency-Key` and `X-Hiway-Message-Id`.
+/// content type, `Idempotency-Key`, `X-Hiway-Message-Id`, and the source's `traceparent`
+/// and `tracestate` when it sent them.
 pub(crate) fn message_request(
     destination: &Destination,
     envelope: &Envelope,
@@ -52,10 +53,19 @@ pub(crate) fn message_request(
         Some(m) => Method::from_bytes(m.as_bytes())
             .map_err(|_| permanent(format!("the transform chose {m:?}, not an HTTP method")))?,
     };
-    Ok(request(destination, method, url)
+    let mut request = request(destination, method, url)
         .header(CONTENT_TYPE, &envelope.content_type)
         .header(headers::HTTP_IDEMPOTENCY_KEY, envelope.idempotency_key())
-        .header(headers::HTTP_MESSAGE_ID, envelope.id.to_string()))
+        .header(headers::HTTP_MESSAGE_ID, envelope.id.to_string());
+    // The source's trace context, as it came. Checked again here because any publisher can
+    // set these AMQP headers, and a value HTTP cannot carry would fail every attempt.
+    if let Some(traceparent) = envelope.traceparent.as_deref().and_then(trace::traceparent) {
+        request = request.header(headers::TRACEPARENT, traceparent);
+        if let Some(tracestate) = envelope.tracestate.as_deref().and_then(trace::tracestate) {
+            request = request.header(headers::TRACESTATE, tracestate);
+        }
+    }
+    Ok(request)
 }
 
 /// A request to the destination with its fixed headers and credentials.
