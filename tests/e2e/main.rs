@@ -18,4 +18,5 @@ mod openmrs;
 mod primero;
 mod retention;
 mod senders;
+mod traces;
 mod transforms;

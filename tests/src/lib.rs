@@ -448,7 +448,14 @@ api_key_sha256 = "{}"
     /// Starts a `hiway-sender` process on this test's configuration, with extra environment
     /// (configuration overrides such as `HIWAY_DESTINATIONS__SINK__HEADERS__X_SENDER=a`).
     pub fn spawn_sender_process(&mut self, env: &[(&str, &str)]) -> usize {
-        let mut command = Command::new(binary("hiway-sender"));
+        self.spawn_process("hiway-sender", env)
+    }
+
+    /// Starts the service binary `name` (`hiway-ingress`, …) on this test's configuration,
+    /// with extra environment; returns its index for [`Self::kill_process`] and
+    /// [`Self::terminate_process`].
+    pub fn spawn_process(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
+        let mut command = Command::new(binary(name));
         command
             .arg("--config")
             .arg(self.config_dir.path())
@@ -461,8 +468,11 @@ api_key_sha256 = "{}"
         for (k, v) in env {
             command.env(k, v);
         }
-        self.processes
-            .push(command.spawn().expect("start hiway-sender"));
+        self.processes.push(
+            command
+                .spawn()
+                .unwrap_or_else(|e| panic!("start {name}: {e}")),
+        );
         self.processes.len() - 1
     }
 

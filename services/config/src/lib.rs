@@ -37,6 +37,7 @@ const SECTIONS: &[&str] = &[
     "shutdown",
     "runtime",
     "log",
+    "telemetry",
     "clients",
     "channels",
     "destinations",
@@ -87,6 +88,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Trace export (OpenTelemetry).
+    pub telemetry: TelemetryConfig,
     /// Source systems allowed to post, by name.
     #[serde(default)]
     pub clients: BTreeMap<ClientName, ClientConfig>,
@@ -230,6 +233,30 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// tracing filter directives.
     pub filter: String,
+}
+
+/// `[telemetry]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Where spans go, as OTLP over HTTP (protobuf): the collector's base URL, to which
+    /// `/v1/traces` is added. `None` (the default, an empty string in a file): no export.
+    #[serde(deserialize_with = "empty_is_none")]
+    pub otlp_endpoint: Option<url::Url>,
+    /// How long finished spans wait to be sent together.
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+}
+
+/// An empty string as `None`, so that the default file can spell out an unset URL.
+fn empty_is_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<url::Url>, D::Error> {
+    let text = Option::<String>::deserialize(d)?.unwrap_or_default();
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    url::Url::parse(&text)
+        .map(Some)
+        .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a URL: {e}")))
 }
 
 /// How log lines are written.
@@ -763,6 +790,14 @@ impl Config {
         if let Err(e) = url::Url::parse(self.broker.url.expose()) {
             err("broker.url".into(), format!("is not a URL: {e}"));
         }
+        if let Some(endpoint) = &self.telemetry.otlp_endpoint
+            && !matches!(endpoint.scheme(), "http" | "https")
+        {
+            err(
+                "telemetry.otlp_endpoint".into(),
+                format!("{endpoint} must be an http or https URL (OTLP over HTTP)"),
+            );
+        }
         for (key, d) in [
             ("broker.publish_timeout", self.broker.publish_timeout),
             ("broker.connect_timeout", self.broker.connect_timeout),
@@ -774,6 +809,7 @@ impl Config {
             ),
             ("audit.flush_interval", self.audit.flush_interval),
             ("audit.prune_interval", self.audit.prune_interval),
+            ("telemetry.export_interval", self.telemetry.export_interval),
         ] {
             if d.is_zero() {
                 err(key.into(), "must be longer than zero".into());

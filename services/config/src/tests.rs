@@ -373,3 +373,29 @@ fn a_prune_interval_of_zero_is_refused_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn trace_export_is_off_by_default_and_on_with_an_http_endpoint() {
+    assert_eq!(Config::from_toml("").unwrap().telemetry.otlp_endpoint, None);
+    let toml = format!(
+        "{}\n[telemetry]\notlp_endpoint = \"http://collector:4318\"\n",
+        valid()
+    );
+    let endpoint = Config::from_toml(&toml).unwrap().telemetry.otlp_endpoint;
+    assert_eq!(endpoint.unwrap().as_str(), "http://collector:4318/");
+}
+
+#[test]
+fn a_trace_endpoint_that_is_not_an_http_url_is_refused_naming_the_key() {
+    let toml = format!(
+        "{}\n[telemetry]\notlp_endpoint = \"collector:4317\"\n",
+        valid()
+    );
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("telemetry.otlp_endpoint"), "{err}");
+    assert!(err.contains("http or https"), "{err}");
+    let toml = format!("{}\n[telemetry]\notlp_endpoint = \"not a url\"\n", valid());
+    let err = Config::from_toml(&toml).unwrap_err().to_string();
+    assert!(err.contains("otlp_endpoint"), "{err}");
+    assert!(err.contains("is not a URL"), "{err}");
+}

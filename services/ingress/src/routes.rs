@@ -102,25 +102,24 @@ pub async fn post_message(
     })?;
 
     let mut envelope = Envelope::accepted(channel_name, client, content_type);
-    // The source's trace context, passed on to destinations; a value that does not parse is
-    // dropped, never refused (see hiway_proto::trace), and a tracestate only goes with a
-    // valid traceparent. Several tracestate lines are one list, joined as HTTP joins them.
-    envelope.traceparent = request_headers
+    // The source's trace context; a value that does not parse is dropped, never refused (see
+    // hiway_proto::trace), and a tracestate only goes with a valid traceparent. Several
+    // tracestate lines are one list, joined as HTTP joins them.
+    let traceparent = request_headers
         .get(headers::TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(trace::traceparent)
-        .map(str::to_owned);
-    if envelope.traceparent.is_some() {
+        .and_then(trace::traceparent);
+    let tracestate = traceparent.and_then(|_| {
         let lines: Option<Vec<&str>> = request_headers
             .get_all(headers::TRACESTATE)
             .iter()
             .map(|v| v.to_str().ok())
             .collect();
-        envelope.tracestate = lines
+        lines
             .filter(|l| !l.is_empty())
             .map(|l| l.join(","))
-            .filter(|joined| trace::tracestate(joined).is_some());
-    }
+            .filter(|joined| trace::tracestate(joined).is_some())
+    });
     let id = envelope.id;
 
     // Duplicate detection, for channels that ask for it.
@@ -168,6 +167,14 @@ pub async fn post_message(
         client = %envelope.client,
         size = bytes.len()
     );
+    // This span joins the source's trace (when traces are exported), and the message carries
+    // on the context the next service is to join: this span's, or the source's as it came.
+    hiway_runtime::telemetry::set_parent(&span, traceparent, tracestate.as_deref());
+    (envelope.traceparent, envelope.tracestate) = match hiway_runtime::telemetry::own_context(&span)
+    {
+        Some((own, state)) => (Some(own), state),
+        None => (traceparent.map(str::to_owned), tracestate),
+    };
     let published = publisher
         .publish(
             &state.names.ingress_exchange(),

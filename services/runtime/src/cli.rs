@@ -23,8 +23,9 @@ impl ConfigArg {
 }
 
 /// A service binary's whole life: loads the configuration, builds the tokio runtime its
-/// `[runtime]` section asks for, sets up logging and the stop token (cancelled by the first
-/// SIGTERM or ctrl-c) inside it, and runs `service` to its end.
+/// `[runtime]` section asks for, sets up logging, trace export and the stop token (cancelled
+/// by the first SIGTERM or ctrl-c) inside it, runs `service` to its end, then sends the spans
+/// still waiting. Spans are named after the binary (`service.name`: `hiway-ingress`, …).
 ///
 /// The runtime is built here, not by `#[tokio::main]`, because its shape is configuration,
 /// which must be read first.
@@ -38,10 +39,21 @@ where
 {
     let config = arg.load()?;
     runtime(&config.runtime)?.block_on(async {
-        crate::telemetry::init(&config.log);
+        let telemetry =
+            crate::telemetry::init_service(&config.log, &config.telemetry, &binary_name());
         let stop = crate::stop_signal();
-        service(config, stop).await
+        let result = service(config, stop).await;
+        telemetry.shutdown().await;
+        result
     })
+}
+
+/// This executable's file name, without extension: what its spans are named after.
+fn binary_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "hiway".to_owned())
 }
 
 /// The tokio runtime `[runtime] worker_threads` describes: 1, the current-thread scheduler;

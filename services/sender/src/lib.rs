@@ -269,6 +269,13 @@ async fn deliver(
         attempt,
         status = tracing::field::Empty,
     );
+    // Joins the trace the message came with, when traces are exported; the request then
+    // carries this span's context (kinds::http::message_request).
+    hiway_runtime::telemetry::set_parent(
+        &span,
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+    );
     async {
         let Delivery {
             data,

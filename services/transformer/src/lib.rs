@@ -231,7 +231,7 @@ struct Out<'a> {
 
 /// Routes one message from the ingress queue and settles it.
 async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
-    let envelope = match Envelope::from_properties(&delivery.properties) {
+    let mut envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, "dead-lettering a message whose envelope cannot be read");
@@ -242,6 +242,16 @@ async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
         }
     };
     let span = tracing::info_span!("transformer.route", message_id = %envelope.id, channel = %envelope.channel);
+    // Joins the trace the message came with (when traces are exported); its copies carry this
+    // span's context on, or the one that came, unchanged.
+    hiway_runtime::telemetry::set_parent(
+        &span,
+        envelope.traceparent.as_deref(),
+        envelope.tracestate.as_deref(),
+    );
+    if let Some((traceparent, tracestate)) = hiway_runtime::telemetry::own_context(&span) {
+        (envelope.traceparent, envelope.tracestate) = (Some(traceparent), tracestate);
+    }
     async {
         // A replayed dead letter of one route (its envelope names the route) runs that route
         // alone: the others already sent their copies.

@@ -41,8 +41,9 @@ pub(crate) async fn send(destination: &Destination, envelope: &Envelope, body: B
 
 /// The request for a message, without its body: the destination's URL (with the path a
 /// transform chose, if any) and method (or the transform's), its headers, the message's
-/// content type, `Idempotency-Key`, `X-Hiway-Message-Id`, and the source's `traceparent`
-/// and `tracestate` when it sent them.
+/// content type, `Idempotency-Key`, `X-Hiway-Message-Id`, and the trace context
+/// (`traceparent`, `tracestate`: the current span's when traces are exported, else the
+/// source's, when it sent one).
 pub(crate) fn message_request(
     destination: &Destination,
     envelope: &Envelope,
@@ -57,11 +58,21 @@ pub(crate) fn message_request(
         .header(CONTENT_TYPE, &envelope.content_type)
         .header(headers::HTTP_IDEMPOTENCY_KEY, envelope.idempotency_key())
         .header(headers::HTTP_MESSAGE_ID, envelope.id.to_string());
-    // The source's trace context, as it came. Checked again here because any publisher can
-    // set these AMQP headers, and a value HTTP cannot carry would fail every attempt.
-    if let Some(traceparent) = envelope.traceparent.as_deref().and_then(trace::traceparent) {
+    // The trace context: this attempt's span's when traces are exported (the destination's
+    // span is then its child), else the source's as it came. Checked again here because any
+    // publisher can set these AMQP headers, and a value HTTP cannot carry would fail every
+    // attempt.
+    let own = hiway_runtime::telemetry::own_context(&tracing::Span::current());
+    let (traceparent, tracestate) = match &own {
+        Some((traceparent, tracestate)) => (Some(traceparent.as_str()), tracestate.as_deref()),
+        None => (
+            envelope.traceparent.as_deref(),
+            envelope.tracestate.as_deref(),
+        ),
+    };
+    if let Some(traceparent) = traceparent.and_then(trace::traceparent) {
         request = request.header(headers::TRACEPARENT, traceparent);
-        if let Some(tracestate) = envelope.tracestate.as_deref().and_then(trace::tracestate) {
+        if let Some(tracestate) = tracestate.and_then(trace::tracestate) {
             request = request.header(headers::TRACESTATE, tracestate);
         }
     }
