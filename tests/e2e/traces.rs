@@ -69,12 +69,18 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A running hiway whose ingress, transformer and sender are processes exporting to
-/// `collector` every `export_interval`, delivering to `sink`.
-async fn start(collector: &Receiver, sink: &Receiver, export_interval: &str) -> TestHiway {
+/// `collector` every `export_interval`, delivering to `sink` (with these destination
+/// settings, TOML lines).
+async fn start(
+    collector: &Receiver,
+    sink: &Receiver,
+    export_interval: &str,
+    destination_settings: &str,
+) -> TestHiway {
     // Audit in process (it records no message spans); the three services a message goes
     // through as processes, since trace export is set up once per process.
     let mut app = TestHiway::spawn_with(
-        &one_route_with(sink, ""),
+        &one_route_with(sink, destination_settings),
         Services {
             ingress: false,
             transformer: false,
@@ -146,7 +152,7 @@ async fn with_an_otlp_endpoint_each_service_records_its_span_in_the_sources_trac
  {
     let collector = Receiver::start().await;
     let sink = Receiver::start().await;
-    let app = start(&collector, &sink, "100ms").await;
+    let app = start(&collector, &sink, "100ms", "").await;
     post_traced(&app).await;
     let delivered = sink.wait_for(1, WAIT).await;
 
@@ -183,7 +189,7 @@ async fn spans_still_waiting_for_their_batch_are_sent_when_a_service_stops() {
     let collector = Receiver::start().await;
     let sink = Receiver::start().await;
     // No batch is due within the test: only the flush at shutdown can send the spans.
-    let mut app = start(&collector, &sink, "1h").await;
+    let mut app = start(&collector, &sink, "1h", "").await;
     post_traced(&app).await;
     sink.wait_for(1, WAIT).await;
     assert!(
@@ -200,5 +206,58 @@ async fn spans_still_waiting_for_their_batch_are_sent_when_a_service_stops() {
         "each process sent its spans as it stopped: {:?}",
         spans(&collector)
     );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_attempt_is_its_own_sender_span_under_the_transformers_and_the_destination_sees_each()
+{
+    let collector = Receiver::start().await;
+    let sink = Receiver::start().await;
+    sink.respond_with(&[(503, r#"{"message":"down for maintenance"}"#)]);
+    let app = start(
+        &collector,
+        &sink,
+        "100ms",
+        r#"retry = { schedule = ["200ms"] }"#,
+    )
+    .await;
+    post_traced(&app).await;
+    let requests = sink.wait_for(2, WAIT).await;
+
+    let (transformer, attempts) = hiway_tests::eventually(
+        "the transformer's and both attempts' spans",
+        WAIT,
+        || async {
+            let spans = spans(&collector);
+            let transformer = spans
+                .iter()
+                .find(|s| s.name == "transformer.route" && s.trace_id == TRACE_ID)?
+                .clone();
+            let attempts: Vec<Span> = spans
+                .into_iter()
+                .filter(|s| s.name == "sender.deliver" && s.trace_id == TRACE_ID)
+                .collect();
+            (attempts.len() == 2).then_some((transformer, attempts))
+        },
+    )
+    .await;
+    // The retried copy keeps the context the transformer gave it: both attempts are its
+    // children, not the second a child of the first.
+    for attempt in &attempts {
+        assert_eq!(attempt.parent_span_id, transformer.span_id);
+    }
+    assert_ne!(attempts[0].span_id, attempts[1].span_id);
+    let sent: Vec<&str> = requests
+        .iter()
+        .map(|r| r.header("traceparent").unwrap())
+        .collect();
+    for attempt in &attempts {
+        let expected = format!("00-{TRACE_ID}-{}-01", attempt.span_id);
+        assert!(
+            sent.contains(&expected.as_str()),
+            "{expected} not among {sent:?}"
+        );
+    }
     app.shutdown().await;
 }
