@@ -102,24 +102,7 @@ pub async fn post_message(
     })?;
 
     let mut envelope = Envelope::accepted(channel_name, client, content_type);
-    // The source's trace context; a value that does not parse is dropped, never refused (see
-    // hiway_proto::trace), and a tracestate only goes with a valid traceparent. Several
-    // tracestate lines are one list, joined as HTTP joins them.
-    let traceparent = request_headers
-        .get(headers::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(trace::traceparent);
-    let tracestate = traceparent.and_then(|_| {
-        let lines: Option<Vec<&str>> = request_headers
-            .get_all(headers::TRACESTATE)
-            .iter()
-            .map(|v| v.to_str().ok())
-            .collect();
-        lines
-            .filter(|l| !l.is_empty())
-            .map(|l| l.join(","))
-            .filter(|joined| trace::tracestate(joined).is_some())
-    });
+    let (traceparent, tracestate) = trace_context(&request_headers);
     let id = envelope.id;
 
     // Duplicate detection, for channels that ask for it.
@@ -206,6 +189,30 @@ pub async fn post_message(
     Ok((StatusCode::ACCEPTED, Json(Accepted { id: id.to_string() })).into_response())
 }
 
+/// The source's trace context: `traceparent` if it parses (see hiway_proto::trace), and with
+/// it the `tracestate`, several lines joined into one list as HTTP joins them. A value that
+/// does not parse is dropped, never refused, and a tracestate never goes without a valid
+/// traceparent.
+fn trace_context(request_headers: &HeaderMap) -> (Option<&str>, Option<String>) {
+    let Some(traceparent) = request_headers
+        .get(headers::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace::traceparent)
+    else {
+        return (None, None);
+    };
+    let lines: Option<Vec<&str>> = request_headers
+        .get_all(headers::TRACESTATE)
+        .iter()
+        .map(|v| v.to_str().ok())
+        .collect();
+    let tracestate = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| l.join(","))
+        .filter(|joined| trace::tracestate(joined).is_some());
+    (Some(traceparent), tracestate)
+}
+
 /// The request's idempotency key: its `Idempotency-Key` header or, without one, the JSON value
 /// at `pointer`. `None` when it has neither (it is accepted without the duplicate check).
 fn idempotency_key(
@@ -257,5 +264,58 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"status": "not connected to the broker"})),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in pairs {
+            h.append(*name, HeaderValue::from_str(value).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_kept_with_its_tracestate_lines_joined_into_one_list() {
+        let h = headers(&[
+            ("traceparent", TRACEPARENT),
+            ("tracestate", "congo=t61rcWkgMzE"),
+            ("tracestate", "rojo=00f067aa0ba902b7"),
+        ]);
+        assert_eq!(
+            trace_context(&h),
+            (
+                Some(TRACEPARENT),
+                Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".to_owned())
+            )
+        );
+        assert_eq!(
+            trace_context(&headers(&[("traceparent", TRACEPARENT)])),
+            (Some(TRACEPARENT), None)
+        );
+    }
+
+    #[test]
+    fn a_traceparent_that_does_not_parse_is_dropped_and_its_tracestate_with_it() {
+        let h = headers(&[
+            ("traceparent", "00-not-a-trace-01"),
+            ("tracestate", "congo=t61rcWkgMzE"),
+        ]);
+        assert_eq!(trace_context(&h), (None, None));
+        let alone = headers(&[("tracestate", "congo=t61rcWkgMzE")]);
+        assert_eq!(trace_context(&alone), (None, None));
+    }
+
+    #[test]
+    fn a_tracestate_over_the_limit_is_dropped_whole_and_the_traceparent_kept() {
+        let long = "a=b,".repeat(200);
+        let h = headers(&[("traceparent", TRACEPARENT), ("tracestate", &long)]);
+        assert_eq!(trace_context(&h), (Some(TRACEPARENT), None));
     }
 }

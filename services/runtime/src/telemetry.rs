@@ -65,13 +65,12 @@ pub fn init_service(log: &LogConfig, telemetry: &TelemetryConfig, service: &str)
         }
     });
     let installed = install(log, provider.clone());
-    if installed && provider.is_some() {
+    let provider = provider.filter(|_| installed);
+    if let (Some(_), Some(endpoint)) = (&provider, &telemetry.otlp_endpoint) {
         EXPORTING.store(true, Ordering::SeqCst);
-        tracing::info!(endpoint = %telemetry.otlp_endpoint.as_ref().map_or("", |u| u.as_str()), "exporting traces over OTLP/HTTP");
+        tracing::info!(%endpoint, "exporting traces over OTLP/HTTP");
     }
-    Telemetry {
-        provider: provider.filter(|_| installed),
-    }
+    Telemetry { provider }
 }
 
 impl Telemetry {
