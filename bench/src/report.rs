@@ -711,7 +711,7 @@ impl Report {
             None => {
                 let _ = writeln!(
                     out,
-                    "**No step was sustained.** The ladder {}.\n",
+                    "**No step was sustained.** Ladder: {}.\n",
                     e.ladder_end
                 );
             }
