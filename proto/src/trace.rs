@@ -1,11 +1,13 @@
 //! W3C Trace Context (`traceparent`, `tracestate`): which values hiway carries.
 //!
-//! hiway passes a source's trace context through to its destinations unchanged, so that a
-//! tracing system that sees both ends joins them into one trace. It records no spans of its
-//! own in that trace, so it has nothing to add: the recommendation says a system that does
-//! not take part passes the headers on as they came. A value that does not parse is dropped,
-//! not refused: the recommendation says a bad `traceparent` must not fail the request, and
-//! forwarding it would only hand the destination the same problem.
+//! A source's trace context goes through hiway to its destinations, so that a tracing system
+//! that sees both ends joins them into one trace. Without trace export hiway records no spans
+//! in that trace and passes the headers on as they came, as the recommendation asks of a
+//! system that does not take part; with export on (`[telemetry]`, docs/operations.md
+//! "Traces"), each service's span joins the source's trace and the context handed on is that
+//! span's. Either way only values that parse are carried: a bad one is dropped, not refused
+//! (the recommendation says a bad `traceparent` must not fail the request, and forwarding it
+//! would only hand the destination the same problem).
 //!
 //! <https://www.w3.org/TR/trace-context/>
 
@@ -43,11 +45,21 @@ pub fn traceparent(value: &str) -> Option<&str> {
     valid.then_some(value)
 }
 
+/// The most list members a `tracestate` may have, as the recommendation says.
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
 /// `value` if it may be carried as a `tracestate`: printable ASCII (the header's own
-/// character set), at most [`MAX_TRACESTATE`] bytes, and not empty once trimmed.
+/// character set), at most [`MAX_TRACESTATE`] bytes, not empty once trimmed, and at most
+/// [`MAX_TRACESTATE_MEMBERS`] list members (empty members, which joining several header lines
+/// can leave, are allowed and not counted).
 pub fn tracestate(value: &str) -> Option<&str> {
+    let members = value
+        .split(',')
+        .filter(|member| !member.trim_matches([' ', '\t']).is_empty())
+        .count();
     let valid = value.len() <= MAX_TRACESTATE
-        && !value.trim().is_empty()
+        && members > 0
+        && members <= MAX_TRACESTATE_MEMBERS
         && value
             .bytes()
             .all(|b| matches!(b, b' ' | b'\t' | 0x21..=0x7e));
@@ -107,5 +119,16 @@ mod tests {
         assert_eq!(tracestate("  "), None);
         assert_eq!(tracestate(&"a=b,".repeat(200)), None, "over 512 bytes");
         assert_eq!(tracestate("a=b\u{7f}"), None);
+    }
+
+    #[test]
+    fn a_tracestate_of_more_than_32_members_is_dropped_and_empty_members_do_not_count() {
+        let members = |n: usize| (0..n).map(|i| format!("v{i}=x")).collect::<Vec<_>>();
+        let thirty_two = members(32).join(",");
+        assert_eq!(tracestate(&thirty_two), Some(thirty_two.as_str()));
+        assert_eq!(tracestate(&members(33).join(",")), None);
+        let with_empty = format!("{thirty_two}, ,,");
+        assert_eq!(tracestate(&with_empty), Some(with_empty.as_str()));
+        assert_eq!(tracestate(" , ,"), None, "only empty members");
     }
 }
