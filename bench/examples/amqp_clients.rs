@@ -26,9 +26,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Parser;
 use futures_util::StreamExt;
+
+mod common;
+use common::{cpu_ms, declare, delete};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -75,12 +78,12 @@ fn main() -> anyhow::Result<()> {
             for client in ["lapin", "amqprs"] {
                 let queue = format!("{prefix}.clients.{client}");
                 declare(&url, &queue).await?;
-                let (cpu_before, started) = (cpu_ms()?, Instant::now());
+                let (cpu_before, started) = (cpu_ms(None)?, Instant::now());
                 let counts = match client {
                     "lapin" => lapin_hop(&url, &queue, &args).await,
                     _ => amqprs_hop(&args, &queue).await,
                 };
-                let (cpu, wall) = (cpu_ms()? - cpu_before, started.elapsed().as_secs_f64());
+                let (cpu, wall) = (cpu_ms(None)? - cpu_before, started.elapsed().as_secs_f64());
                 delete(&url, &queue).await?;
                 let counts = counts?;
                 let expected = args.rate * args.seconds;
@@ -105,18 +108,6 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// This process's CPU time so far (user + system), in milliseconds.
-fn cpu_ms() -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let after = stat.rfind(')').context("no ) in /proc/self/stat")?;
-    let fields: Vec<&str> = stat[after + 2..].split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("short /proc/self/stat")?.parse()?)
-    };
-    // utime and stime, in clock ticks of 10 ms on Linux.
-    Ok((ticks(11)? + ticks(12)?) * 10)
-}
-
 /// Calls `publish` as many times as are due, every 2 ms, for `seconds`.
 async fn pace(rate: u64, seconds: u64, mut publish: impl FnMut()) {
     let start = Instant::now();
@@ -130,40 +121,6 @@ async fn pace(rate: u64, seconds: u64, mut publish: impl FnMut()) {
             sent += 1;
         }
     }
-}
-
-/// A fresh quorum queue (declared and deleted with lapin, outside the measured part).
-async fn declare(url: &str, queue: &str) -> anyhow::Result<()> {
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::{AMQPValue, FieldTable};
-    let connection =
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.into(), options, arguments)
-        .await?;
-    connection.close(200, "declared".into()).await?;
-    Ok(())
-}
-
-async fn delete(url: &str, queue: &str) -> anyhow::Result<()> {
-    let connection =
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
-        .await?;
-    connection.close(200, "deleted".into()).await?;
-    Ok(())
 }
 
 async fn lapin_hop(url: &str, queue: &str, args: &Args) -> anyhow::Result<Counts> {

@@ -28,9 +28,12 @@ use clap::Parser;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
+
+mod common;
+use common::{cpu_ms, declare, delete};
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -90,12 +93,12 @@ fn main() -> anyhow::Result<()> {
                 declare(&args.url, q).await?;
             }
             let (broker_before, own_before, started) =
-                (cpu_ms(broker)?, cpu_ms(std::process::id())?, Instant::now());
+                (cpu_ms(Some(broker))?, cpu_ms(None)?, Instant::now());
             let result = flow(&args, &queues).await;
             let wall = started.elapsed().as_secs_f64();
             let (broker_cpu, own_cpu) = (
-                cpu_ms(broker)? - broker_before,
-                cpu_ms(std::process::id())? - own_before,
+                cpu_ms(Some(broker))? - broker_before,
+                cpu_ms(None)? - own_before,
             );
             for q in &queues {
                 delete(&args.url, q).await?;
@@ -134,49 +137,6 @@ fn beam_pid() -> anyhow::Result<u32> {
         }
     }
     bail!("no beam.smp process: is RabbitMQ running? (or give --broker-pid)")
-}
-
-/// A process's CPU time so far (user + system), in milliseconds.
-fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = stat.rfind(')').context("no ) in /proc/<pid>/stat")?;
-    let fields: Vec<&str> = stat[after + 2..].split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("short /proc/<pid>/stat")?.parse()?)
-    };
-    // utime and stime, in clock ticks of 10 ms on Linux.
-    Ok((ticks(11)? + ticks(12)?) * 10)
-}
-
-async fn declare(url: &str, queue: &str) -> anyhow::Result<()> {
-    let connection =
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    let options = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .queue_declare(queue.into(), options, arguments)
-        .await?;
-    connection.close(200, "declared".into()).await?;
-    Ok(())
-}
-
-async fn delete(url: &str, queue: &str) -> anyhow::Result<()> {
-    let connection =
-        lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    channel
-        .queue_delete(queue.into(), QueueDeleteOptions::default())
-        .await?;
-    connection.close(200, "deleted".into()).await?;
-    Ok(())
 }
 
 /// A channel in confirm mode on a connection of its own.
