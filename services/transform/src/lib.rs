@@ -165,7 +165,9 @@ impl Transforms {
             return Ok(Applied::Unchanged);
         }
         let tables = self.lookups.values();
-        let globals = || std::iter::once(hiway_var(meta, route)).chain(tables.iter().cloned());
+        // Built once for both programs: a clone of a jq value only counts a reference.
+        let hiway = hiway_var(meta, route);
+        let globals = || std::iter::once(hiway.clone()).chain(tables.iter().cloned());
         if let Some(filter) = &programs.filter
             && !filter
                 .test(input.clone(), globals())
