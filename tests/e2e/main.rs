@@ -14,6 +14,7 @@ mod examples;
 mod failures;
 mod fhir;
 mod ingress;
+mod logs;
 mod openmrs;
 mod primero;
 mod retention;

@@ -455,6 +455,26 @@ api_key_sha256 = "{}"
     /// with extra environment; returns its index for [`Self::kill_process`] and
     /// [`Self::terminate_process`].
     pub fn spawn_process(&mut self, name: &str, env: &[(&str, &str)]) -> usize {
+        self.spawn_process_to(name, env, Stdio::inherit())
+    }
+
+    /// Starts the service binary `name` as [`Self::spawn_process`] does, with its logs
+    /// (standard error) on a pipe, as a log collector would read them; returns its index and
+    /// that pipe.
+    pub fn spawn_process_with_logs(
+        &mut self,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> (usize, std::process::ChildStderr) {
+        let index = self.spawn_process_to(name, env, Stdio::piped());
+        let logs = self.processes[index]
+            .stderr
+            .take()
+            .expect("the process's standard error is piped");
+        (index, logs)
+    }
+
+    fn spawn_process_to(&mut self, name: &str, env: &[(&str, &str)], logs: Stdio) -> usize {
         let mut command = Command::new(binary(name));
         command
             .arg("--config")
@@ -464,7 +484,7 @@ api_key_sha256 = "{}"
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
+            .stderr(logs);
         for (k, v) in env {
             command.env(k, v);
         }

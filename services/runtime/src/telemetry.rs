@@ -13,6 +13,7 @@
 //! ([`own_context`]).
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -98,8 +99,13 @@ fn install(config: &LogConfig, provider: Option<SdkTracerProvider>) -> bool {
     macro_rules! logs {
         () => {
             (
-                matches!(config.format, LogFormat::Text)
-                    .then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr)),
+                // Colours only for a person at a terminal: a file, journald or a log
+                // collector would get the escape codes as text.
+                matches!(config.format, LogFormat::Text).then(|| {
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(std::io::stderr().is_terminal())
+                        .with_writer(std::io::stderr)
+                }),
                 matches!(config.format, LogFormat::Json).then(|| {
                     tracing_subscriber::fmt::layer()
                         .json()
