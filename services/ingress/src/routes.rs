@@ -152,12 +152,8 @@ pub async fn post_message(
     );
     // This span joins the source's trace (when traces are exported), and the message carries
     // on the context the next service is to join: this span's, or the source's as it came.
-    hiway_runtime::telemetry::set_parent(&span, traceparent, tracestate.as_deref());
-    (envelope.traceparent, envelope.tracestate) = match hiway_runtime::telemetry::own_context(&span)
-    {
-        Some((own, state)) => (Some(own), state),
-        None => (traceparent.map(str::to_owned), tracestate),
-    };
+    (envelope.traceparent, envelope.tracestate) =
+        hiway_runtime::telemetry::hand_on(&span, traceparent.map(str::to_owned), tracestate);
     let published = publisher
         .publish(
             &state.names.ingress_exchange(),

@@ -237,6 +237,21 @@ pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>, tracestate: O
     let _ = span.set_parent(parent);
 }
 
+/// Joins `span` to the trace context a message came with and returns the context the
+/// message is to carry on to the next service: `span`'s own when this process exports spans
+/// ([`set_parent`], then [`own_context`]), else the one that came, unchanged.
+pub fn hand_on(
+    span: &tracing::Span,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+) -> (Option<String>, Option<String>) {
+    set_parent(span, traceparent.as_deref(), tracestate.as_deref());
+    match own_context(span) {
+        Some((own, state)) => (Some(own), state),
+        None => (traceparent, tracestate),
+    }
+}
+
 /// The trace context to hand on from `span` (to the next service, or to a destination) when
 /// this process exports spans: the span's own, so that what comes next is its child. `None`
 /// when it does not export, or the span is not recorded: hand on the context the message

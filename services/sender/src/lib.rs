@@ -270,7 +270,9 @@ async fn deliver(
         status = tracing::field::Empty,
     );
     // Joins the trace the message came with, when traces are exported; the request then
-    // carries this span's context (kinds::http::message_request).
+    // carries this span's context (kinds::http::message_request). Not `hand_on`: the envelope
+    // keeps the context that came, so that a retry's copy is again a child of the
+    // transformer's span, a sibling of this attempt, not its child.
     hiway_runtime::telemetry::set_parent(
         &span,
         envelope.traceparent.as_deref(),

@@ -244,14 +244,11 @@ async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
     let span = tracing::info_span!("transformer.route", message_id = %envelope.id, channel = %envelope.channel);
     // Joins the trace the message came with (when traces are exported); its copies carry this
     // span's context on, or the one that came, unchanged.
-    hiway_runtime::telemetry::set_parent(
+    (envelope.traceparent, envelope.tracestate) = hiway_runtime::telemetry::hand_on(
         &span,
-        envelope.traceparent.as_deref(),
-        envelope.tracestate.as_deref(),
+        envelope.traceparent.take(),
+        envelope.tracestate.take(),
     );
-    if let Some((traceparent, tracestate)) = hiway_runtime::telemetry::own_context(&span) {
-        (envelope.traceparent, envelope.tracestate) = (Some(traceparent), tracestate);
-    }
     async {
         // A replayed dead letter of one route (its envelope names the route) runs that route
         // alone: the others already sent their copies.
