@@ -12,6 +12,7 @@
 //! - `$<name>` for each lookup table (`[lookups.<name>]`).
 
 mod jq;
+mod json;
 mod lookups;
 
 use std::collections::BTreeMap;
@@ -215,8 +216,9 @@ fn hiway_var(meta: &Meta<'_>, route: &RouteName) -> Val {
 }
 
 fn to_json(v: &Val) -> Vec<u8> {
-    // Display writes compact JSON for every JSON value.
-    v.to_string().into_bytes()
+    let mut out = Vec::with_capacity(256);
+    json::write(&mut out, v);
+    out
 }
 
 /// `{"body": …, "path": "…"?, "method": "…"?}` read as an [`Output`].
