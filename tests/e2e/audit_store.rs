@@ -203,3 +203,113 @@ async fn the_batch_writers_copy_stores_every_kind_of_event_as_the_insert_does() 
     assert_eq!(at.timestamp_micros(), events[4].at.timestamp_micros());
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_nul_in_an_events_text_is_stored_as_the_replacement_character_not_refused() {
+    let app = TestHiway::spawn("[channels.forms]\nclients = [\"source\"]\n").await;
+    // A jq error quoting a posted value, or a destination's answer, can carry U+0000, which
+    // PostgreSQL's text and jsonb refuse: the batch would be retried for ever.
+    let attempted = |error: &str| {
+        AuditEvent::now(
+            MessageId::generate(),
+            "nul-test",
+            AuditKind::Attempted {
+                destination: DestinationName::parse("dhis2").unwrap(),
+                route: None,
+                attempt: 1,
+                status_code: Some(409),
+                duration_ms: 3,
+                error: error.into(),
+                retry_in_ms: None,
+            },
+        )
+    };
+    let copied = attempted("conflict on \"a\0b\"");
+    assert_eq!(
+        insert_batch(&app.pool, std::slice::from_ref(&copied))
+            .await
+            .unwrap(),
+        1
+    );
+    let inserted = attempted("\0 at the start");
+    assert_eq!(
+        insert_events(&app.pool, std::slice::from_ref(&inserted))
+            .await
+            .unwrap(),
+        1
+    );
+    // A literal backslash-u-0000 is text like any other, and stays as it is.
+    let literal = attempted(r"a literal \u0000");
+    assert_eq!(
+        insert_batch(&app.pool, std::slice::from_ref(&literal))
+            .await
+            .unwrap(),
+        1
+    );
+
+    let error = |e: &AuditEvent| {
+        let id = e.event_id;
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, String>(
+                "select detail->>'error' from audit_events where event_id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(error(&copied).await, "conflict on \"a\u{FFFD}b\"");
+    assert_eq!(error(&inserted).await, "\u{FFFD} at the start");
+    assert_eq!(error(&literal).await, r"a literal \u0000");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_with_a_nul_in_its_reason_and_headers_is_stored_with_its_body_untouched() {
+    let app = TestHiway::spawn("[channels.forms]\nclients = [\"source\"]\n").await;
+    let message_id = MessageId::generate();
+    let dead = hiway_audit::store::DeadLetter {
+        dead_id: uuid::Uuid::now_v7(),
+        message_id: Some(message_id),
+        channel: Some("forms".into()),
+        destination: Some("dhis2".into()),
+        routing_key: "dhis2".into(),
+        reason: "routes.r.transform failed: bad value \"x\0y\"".into(),
+        dead_by: Some("transformer".into()),
+        died_at: chrono::Utc::now(),
+        content_type: Some("application/json".into()),
+        headers: serde_json::json!({"x-other\0": "v\0", "list": ["\0"]}),
+        attempts: serde_json::json!([]),
+        last_status_code: None,
+        body: b"{\"value\":\"x\\u0000y\"}\0raw".to_vec(),
+    };
+    hiway_audit::store::insert_dead_letter(&app.pool, &dead)
+        .await
+        .unwrap();
+    let (reason, headers, body): (String, serde_json::Value, Vec<u8>) =
+        sqlx::query_as("select reason, headers, body from dead_letters where dead_id = $1")
+            .bind(dead.dead_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        reason,
+        "routes.r.transform failed: bad value \"x\u{FFFD}y\""
+    );
+    assert_eq!(
+        headers,
+        serde_json::json!({"x-other\u{FFFD}": "v\u{FFFD}", "list": ["\u{FFFD}"]})
+    );
+    assert_eq!(body, dead.body);
+    let dead_reason: String = sqlx::query_scalar(
+        "select detail->>'reason' from audit_events where message_id = $1 and kind = 'dead'",
+    )
+    .bind(message_id.as_uuid())
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(dead_reason, reason);
+    app.shutdown().await;
+}

@@ -362,3 +362,54 @@ async fn an_on_dead_queue_left_by_an_earlier_configuration_is_deleted_with_its_c
     running.await.unwrap().unwrap();
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_dead_letter_whose_reason_quotes_a_nul_is_stored_and_the_ones_after_it_are_too() {
+    let dhis2 = Receiver::start().await;
+    let app = TestHiway::spawn(&format!(
+        r#"
+[channels.forms]
+clients = ["source"]
+{}
+[routes.to-dhis2]
+channels = ["forms"]
+destinations = ["dhis2"]
+transform = 'error("no org unit for facility \(.facility)")'
+"#,
+        sink("dhis2", &dhis2),
+    ))
+    .await;
+
+    // JSON may carry U+0000 (as \u0000); jq quotes it into the reason, which PostgreSQL's
+    // text cannot hold.
+    let nul = app
+        .post_json("forms", &json!({"facility": "FAC\u{0}9"}))
+        .await;
+    let after = app.post_json("forms", &json!({"facility": "FAC-8"})).await;
+
+    let dead = eventually("both dead letters", WAIT, || async {
+        let dead = app.dead_letters("dead").await;
+        (dead.len() == 2).then_some(dead)
+    })
+    .await;
+    let reason = |id: hiway_proto::MessageId| {
+        dead.iter()
+            .find(|d| d.message_id == Some(id.as_uuid()))
+            .map(|d| d.reason.clone())
+            .unwrap()
+    };
+    assert!(
+        reason(nul).ends_with("no org unit for facility FAC\u{FFFD}9"),
+        "{}",
+        reason(nul)
+    );
+    assert!(reason(after).ends_with("no org unit for facility FAC-8"));
+    // The body is kept as it was posted, NUL escape and all.
+    let body = &dead
+        .iter()
+        .find(|d| d.message_id == Some(nul.as_uuid()))
+        .unwrap()
+        .body;
+    assert!(std::str::from_utf8(body).unwrap().contains(r"FAC\u00009"));
+    app.shutdown().await;
+}

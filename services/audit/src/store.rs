@@ -41,7 +41,7 @@ pub async fn insert_events<'e>(
         message_id.push(e.message_id.as_uuid());
         kind.push(e.kind_name());
         at.push(e.at);
-        service.push(e.service.clone());
+        service.push(storable(&e.service).into_owned());
         let (c, cl, d, r, a, s, dur, size) = columns(&e.kind);
         channel.push(c);
         client.push(cl);
@@ -51,7 +51,7 @@ pub async fn insert_events<'e>(
         status_code.push(s);
         duration_ms.push(dur);
         size_bytes.push(size);
-        detail.push(serde_json::to_value(&e.kind).unwrap_or_default());
+        detail.push(self::detail(&e.kind));
     }
     let result = sqlx::query(
         "insert into audit_events (event_id, message_id, kind, at, service, channel, client,
@@ -167,7 +167,7 @@ fn copy_rows(events: &[AuditEvent]) -> Result<Vec<u8>, sqlx::error::BoxDynError>
         value(&mut buf, &e.message_id.as_uuid())?;
         value(&mut buf, &e.kind_name())?;
         value(&mut buf, &e.at)?;
-        value(&mut buf, &e.service)?;
+        value(&mut buf, &storable(&e.service).as_ref())?;
         value(&mut buf, &channel)?;
         value(&mut buf, &client)?;
         value(&mut buf, &destination)?;
@@ -178,12 +178,58 @@ fn copy_rows(events: &[AuditEvent]) -> Result<Vec<u8>, sqlx::error::BoxDynError>
         value(&mut buf, &size)?;
         field(&mut buf, |buf| {
             buf.push(1);
+            let start = buf.len();
             serde_json::to_writer(&mut **buf, &e.kind)?;
+            // A NUL is written as this escape (a backslash before it would be a literal
+            // `\\u0000`, which only costs the slower way round).
+            if buf[start..].windows(6).any(|w| w == br"\u0000") {
+                buf.truncate(start);
+                serde_json::to_writer(&mut **buf, &detail(&e.kind))?;
+            }
             Ok(IsNull::No)
         })?;
     }
     buf.extend_from_slice(&(-1i16).to_be_bytes());
     Ok(std::mem::take(&mut *buf))
+}
+
+/// `s` as PostgreSQL can store it: its `text` and `jsonb` cannot hold U+0000 (the statement
+/// fails, "invalid byte sequence" or "unsupported Unicode escape sequence"), and a failing
+/// batch would be retried for ever, holding up the whole audit trail. A NUL in an event comes
+/// from outside (a jq error quoting a posted value, a destination's answer, another publisher's
+/// header), so it is stored as U+FFFD, the replacement character; a dead letter's body is
+/// `bytea` and is kept as it came.
+fn storable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}").into()
+    } else {
+        s.into()
+    }
+}
+
+/// [`storable`] for every string and key of a JSON value.
+fn storable_json(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(storable_json),
+        serde_json::Value::Object(fields) => {
+            if fields.keys().any(|k| k.contains('\0')) {
+                *fields = std::mem::take(fields)
+                    .into_iter()
+                    .map(|(k, v)| (storable(&k).into_owned(), v))
+                    .collect();
+            }
+            fields.values_mut().for_each(storable_json);
+        }
+        _ => {}
+    }
+}
+
+/// An event's `detail`: its kind's fields as JSON, storable.
+fn detail(kind: &AuditKind) -> serde_json::Value {
+    let mut v = serde_json::to_value(kind).unwrap_or_default();
+    storable_json(&mut v);
+    v
 }
 
 type Columns = (
@@ -308,6 +354,12 @@ pub struct DeadLetter {
 /// Stores a dead letter and its `dead` audit event in one transaction. A dead letter already
 /// stored is skipped by `dead_id`.
 pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), sqlx::Error> {
+    let text = |t: &Option<String>| t.as_deref().map(|t| storable(t).into_owned());
+    let json = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        storable_json(&mut v);
+        v
+    };
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "insert into dead_letters (dead_id, message_id, channel, destination, routing_key, reason,
@@ -318,16 +370,16 @@ pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), 
     )
     .bind(dead.dead_id)
     .bind(dead.message_id.map(|m| m.as_uuid()))
-    .bind(&dead.channel)
-    .bind(&dead.destination)
-    .bind(&dead.routing_key)
-    .bind(&dead.reason)
-    .bind(&dead.dead_by)
+    .bind(text(&dead.channel))
+    .bind(text(&dead.destination))
+    .bind(storable(&dead.routing_key))
+    .bind(storable(&dead.reason))
+    .bind(text(&dead.dead_by))
     .bind(dead.died_at)
-    .bind(&dead.content_type)
-    .bind(&dead.headers)
+    .bind(text(&dead.content_type))
+    .bind(json(&dead.headers))
     .bind(&dead.body)
-    .bind(&dead.attempts)
+    .bind(json(&dead.attempts))
     .bind(dead.last_status_code)
     .execute(&mut *tx)
     .await?
@@ -358,9 +410,9 @@ pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), 
         .bind(event.event_id)
         .bind(message_id.as_uuid())
         .bind(event.at)
-        .bind(&event.service)
-        .bind(&dead.destination)
-        .bind(serde_json::to_value(&event.kind).unwrap_or_default())
+        .bind(storable(&event.service))
+        .bind(text(&dead.destination))
+        .bind(detail(&event.kind))
         .execute(&mut *tx)
         .await?;
     }
