@@ -4,7 +4,9 @@
 use hiway_audit::store::{insert_batch, insert_events};
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
 use hiway_proto::{DestinationName, MessageId, RouteName};
-use hiway_tests::TestHiway;
+use std::time::Duration;
+
+use hiway_tests::{TestHiway, eventually};
 
 use crate::audit_batch::event;
 
@@ -311,5 +313,65 @@ async fn a_dead_letter_with_a_nul_in_its_reason_and_headers_is_stored_with_its_b
     .await
     .unwrap();
     assert_eq!(dead_reason, reason);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_audit_message_postgresql_refuses_is_dead_lettered_and_the_trail_goes_on() {
+    use chrono::TimeZone;
+    let app = TestHiway::spawn("[channels.forms]\nclients = [\"source\"]\n").await;
+    let broker = hiway_runtime::Broker::new(&app.config);
+    let connection = broker.connect("refused-test").await.unwrap();
+    let publisher = broker.publisher(&connection).await.unwrap();
+    let unrouted = || {
+        AuditEvent::now(
+            MessageId::generate(),
+            "refused-test",
+            AuditKind::Unrouted {
+                channel: "forms".parse().unwrap(),
+            },
+        )
+    };
+    // Before 4713 BC: a time the event can hold and PostgreSQL's timestamptz cannot (22008),
+    // so writing it again and again would never succeed.
+    let mut ancient = unrouted();
+    ancient.at = chrono::Utc.with_ymd_and_hms(-5000, 1, 1, 0, 0, 0).unwrap();
+    let sent = serde_json::to_vec(&[&ancient]).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Vec<AuditEvent>>(&sent).unwrap()[0],
+        ancient
+    );
+    let (before, after) = (unrouted(), unrouted());
+    publisher.publish_audit(&[&before]).await.unwrap();
+    publisher.publish_audit(&[&ancient]).await.unwrap();
+    publisher.publish_audit(&[&after]).await.unwrap();
+
+    let stored = eventually(
+        "the events around the refused one",
+        Duration::from_secs(20),
+        || async {
+            let ids: Vec<uuid::Uuid> = sqlx::query_scalar(
+            "select event_id from audit_events where service = 'refused-test' order by event_id",
+        )
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+            (ids.len() == 2).then_some(ids)
+        },
+    )
+    .await;
+    assert_eq!(stored, vec![before.event_id, after.event_id]);
+    let dead = eventually(
+        "the refused message's dead letter",
+        Duration::from_secs(20),
+        || async {
+            let dead = app.dead_letters("dead").await;
+            (!dead.is_empty()).then_some(dead)
+        },
+    )
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, sent);
+    publisher.close().await;
     app.shutdown().await;
 }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use hiway_config::Config;
-use hiway_proto::audit::AuditBatch;
+use hiway_proto::audit::{AuditBatch, AuditEvent};
 use hiway_runtime::Broker;
 use hiway_runtime::amqp::{BrokerError, Connection, Consumer, Delivery};
 use hiway_runtime::consume::Reconnect;
@@ -168,11 +168,34 @@ struct Writer {
     drain: Duration,
 }
 
-/// Pending work: the events to write and the delivery tag that acks them all.
+/// Pending work: the events to write, and each delivery with the range of its events.
 #[derive(Default)]
 struct Batch {
     events: AuditBatch,
-    last: Option<Delivery>,
+    parts: Vec<(Delivery, std::ops::Range<usize>)>,
+}
+
+/// How writing events ended.
+enum Written {
+    /// Stored (or stored already).
+    Yes,
+    /// PostgreSQL refuses a value in them: writing them again cannot succeed.
+    Refused(sqlx::Error),
+    /// The service is stopping and the database did not come back before the drain deadline.
+    Stopped,
+}
+
+/// Whether PostgreSQL refused the events themselves (a value out of range, a constraint),
+/// not failed to take them (unreachable, disk full, a restart). Unique violations do not
+/// come here: [`store::insert_batch`] skips the events stored already.
+fn refused(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Encode(_) => true,
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|c| c.starts_with("22") || (c.starts_with("23") && c != "23505")),
+        _ => false,
+    }
 }
 
 impl Writer {
@@ -198,9 +221,10 @@ impl Writer {
                         Some(Ok(delivery)) => {
                             match serde_json::from_slice::<AuditBatch>(&delivery.data) {
                                 Ok(events) => {
+                                    let start = batch.events.len();
                                     batch.events.extend(events);
                                     deadline.get_or_insert_with(|| Instant::now() + self.flush_interval);
-                                    batch.last = Some(delivery);
+                                    batch.parts.push((delivery, start..batch.events.len()));
                                 }
                                 Err(error) => {
                                     tracing::warn!(%error, "an audit message is not a valid batch; dead-lettering it");
@@ -215,15 +239,10 @@ impl Writer {
                     _ = stop.cancelled() => { stopping = true; break; }
                 }
             }
-            if let Some(last) = batch.last.take() {
-                if !self.write(&batch.events, stop).await {
-                    // Stopped before the database came back: nothing is acked, so the broker
-                    // redelivers every event of the batch to the next audit process.
-                    return Ok(());
-                }
-                // One ack for the whole batch: every delivery up to this one on this channel
-                // was either part of it or already rejected.
-                last.ack(true).await?;
+            if !batch.parts.is_empty() && !self.settle(batch, stop).await? {
+                // Stopped before the database came back: what is not acked, the broker
+                // redelivers to the next audit process.
+                return Ok(());
             }
             if stopping {
                 return Ok(());
@@ -231,16 +250,55 @@ impl Writer {
         }
     }
 
-    /// Writes one batch, retrying while the database fails. Returns false if it gave up
-    /// because the drain deadline passed after a stop.
-    async fn write(&self, events: &AuditBatch, stop: &CancellationToken) -> bool {
+    /// Writes a batch and acks its deliveries; false if it stopped first.
+    ///
+    /// One statement and one multiple-ack for the whole batch, usually. If PostgreSQL refuses
+    /// a value in it, each delivery's events are written on their own, and a delivery whose
+    /// events are refused again is dead-lettered (stored in `dead_letters` with its body, the
+    /// error in the log): one bad message must not hold up the audit trail, as retrying the
+    /// whole batch for ever would.
+    async fn settle(&self, batch: Batch, stop: &CancellationToken) -> Result<bool, BrokerError> {
+        let error = match self.write(&batch.events, stop).await {
+            Written::Yes => {
+                // One ack for the whole batch: every delivery up to the last on this channel
+                // was either part of it or already rejected.
+                if let Some((last, _)) = batch.parts.last() {
+                    last.ack(true).await?;
+                }
+                return Ok(true);
+            }
+            Written::Stopped => return Ok(false),
+            Written::Refused(error) => error,
+        };
+        tracing::warn!(%error, messages = batch.parts.len(), "PostgreSQL refuses a value in this audit batch; writing its messages one by one");
+        let mut written = None;
+        for (delivery, range) in &batch.parts {
+            match self.write(&batch.events[range.clone()], stop).await {
+                Written::Yes => written = Some(delivery),
+                Written::Stopped => return Ok(false),
+                Written::Refused(error) => {
+                    tracing::error!(%error, events = range.len(), "PostgreSQL refuses the events of this audit message; dead-lettering it");
+                    delivery.nack(false).await?;
+                }
+            }
+        }
+        // The dead-lettered ones are settled already; this acks the others.
+        if let Some(last) = written {
+            last.ack(true).await?;
+        }
+        Ok(true)
+    }
+
+    /// Writes events, retrying while the database fails to take them.
+    async fn write(&self, events: &[AuditEvent], stop: &CancellationToken) -> Written {
         let span = tracing::info_span!("audit.flush", events = events.len());
         async {
             let mut wait = Duration::from_millis(100);
             let mut give_up: Option<Instant> = None;
             loop {
                 match store::insert_batch(&self.pool, events).await {
-                    Ok(_) => return true,
+                    Ok(_) => return Written::Yes,
+                    Err(error) if refused(&error) => return Written::Refused(error),
                     Err(error) => {
                         tracing::warn!(%error, retry_in = ?wait, "cannot write the audit batch; holding it until PostgreSQL answers");
                     }
@@ -248,7 +306,7 @@ impl Writer {
                 if stop.is_cancelled() {
                     let deadline = *give_up.get_or_insert_with(|| Instant::now() + self.drain);
                     if Instant::now() >= deadline {
-                        return false;
+                        return Written::Stopped;
                     }
                 }
                 tokio::time::sleep(wait).await;
