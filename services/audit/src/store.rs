@@ -3,8 +3,10 @@
 use chrono::{DateTime, Utc};
 use hiway_proto::MessageId;
 use hiway_proto::audit::{AuditEvent, AuditKind};
+use serde_json::value::RawValue;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolCopyExt;
+use sqlx::types::Json;
 use uuid::Uuid;
 
 /// The schema history, embedded so every binary can bring a database up to date.
@@ -51,7 +53,7 @@ pub async fn insert_events<'e>(
         status_code.push(s);
         duration_ms.push(dur);
         size_bytes.push(size);
-        detail.push(self::detail(&e.kind));
+        detail.push(jsonb(&e.kind)?);
     }
     let result = sqlx::query(
         "insert into audit_events (event_id, message_id, kind, at, service, channel, client,
@@ -178,14 +180,7 @@ fn copy_rows(events: &[AuditEvent]) -> Result<Vec<u8>, sqlx::error::BoxDynError>
         value(&mut buf, &size)?;
         field(&mut buf, |buf| {
             buf.push(1);
-            let start = buf.len();
-            serde_json::to_writer(&mut **buf, &e.kind)?;
-            // A NUL is written as this escape (a backslash before it would be a literal
-            // `\\u0000`, which only costs the slower way round).
-            if buf[start..].windows(6).any(|w| w == br"\u0000") {
-                buf.truncate(start);
-                serde_json::to_writer(&mut **buf, &detail(&e.kind))?;
-            }
+            write_json(buf, &e.kind)?;
             Ok(IsNull::No)
         })?;
     }
@@ -207,29 +202,37 @@ fn storable(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// [`storable`] for every string and key of a JSON value.
-fn storable_json(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
-        serde_json::Value::Array(items) => items.iter_mut().for_each(storable_json),
-        serde_json::Value::Object(fields) => {
-            if fields.keys().any(|k| k.contains('\0')) {
-                *fields = std::mem::take(fields)
-                    .into_iter()
-                    .map(|(k, v)| (storable(&k).into_owned(), v))
-                    .collect();
-            }
-            fields.values_mut().for_each(storable_json);
+/// Writes JSON that PostgreSQL's `jsonb` can store: serde_json writes U+0000 as `\u0000`,
+/// which `jsonb` refuses; this writes the escape of U+FFFD instead, as [`storable`] does for
+/// `text`. Everything else is serde_json's compact form.
+struct Storable;
+
+impl serde_json::ser::Formatter for Storable {
+    fn write_char_escape<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        char_escape: serde_json::ser::CharEscape,
+    ) -> std::io::Result<()> {
+        match char_escape {
+            serde_json::ser::CharEscape::AsciiControl(0) => writer.write_all(br"\ufffd"),
+            other => serde_json::ser::CompactFormatter.write_char_escape(writer, other),
         }
-        _ => {}
     }
 }
 
-/// An event's `detail`: its kind's fields as JSON, storable.
-fn detail(kind: &AuditKind) -> serde_json::Value {
-    let mut v = serde_json::to_value(kind).unwrap_or_default();
-    storable_json(&mut v);
-    v
+/// `v` as storable JSON text, appended to `out`.
+fn write_json(out: &mut Vec<u8>, v: &impl serde::Serialize) -> serde_json::Result<()> {
+    v.serialize(&mut serde_json::Serializer::with_formatter(out, Storable))
+}
+
+/// `v` as a storable `jsonb` value to bind.
+fn jsonb(v: &impl serde::Serialize) -> Result<Json<Box<RawValue>>, sqlx::Error> {
+    let encode = |e: serde_json::Error| sqlx::Error::Encode(Box::new(e));
+    let mut out = Vec::new();
+    write_json(&mut out, v).map_err(encode)?;
+    // serde_json writes UTF-8 only.
+    let text = String::from_utf8(out).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    RawValue::from_string(text).map(Json).map_err(encode)
 }
 
 type Columns = (
@@ -355,11 +358,6 @@ pub struct DeadLetter {
 /// stored is skipped by `dead_id`.
 pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), sqlx::Error> {
     let text = |t: &Option<String>| t.as_deref().map(|t| storable(t).into_owned());
-    let json = |v: &serde_json::Value| {
-        let mut v = v.clone();
-        storable_json(&mut v);
-        v
-    };
     let mut tx = pool.begin().await?;
     let inserted = sqlx::query(
         "insert into dead_letters (dead_id, message_id, channel, destination, routing_key, reason,
@@ -377,9 +375,9 @@ pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), 
     .bind(text(&dead.dead_by))
     .bind(dead.died_at)
     .bind(text(&dead.content_type))
-    .bind(json(&dead.headers))
+    .bind(jsonb(&dead.headers)?)
     .bind(&dead.body)
-    .bind(json(&dead.attempts))
+    .bind(jsonb(&dead.attempts)?)
     .bind(dead.last_status_code)
     .execute(&mut *tx)
     .await?
@@ -412,7 +410,7 @@ pub async fn insert_dead_letter(pool: &PgPool, dead: &DeadLetter) -> Result<(), 
         .bind(event.at)
         .bind(storable(&event.service))
         .bind(text(&dead.destination))
-        .bind(detail(&event.kind))
+        .bind(jsonb(&event.kind)?)
         .execute(&mut *tx)
         .await?;
     }
