@@ -58,12 +58,15 @@ struct Args {
     runs: u32,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     url: String,
+    /// Bytes per message: a batch of n 1 KB messages is about n × 1024 (see
+    /// docs/benchmarks.md, session 18).
+    #[arg(long, default_value_t = 1023)]
+    size: usize,
     /// The broker's process id (default: the beam.smp process).
     #[arg(long)]
     broker_pid: Option<u32>,
 }
 
-const BODY_BYTES: usize = 1023;
 const PREFETCH: u16 = 256;
 /// Time after the last publish for the last deliveries to arrive.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -225,7 +228,7 @@ async fn flow(args: &Args, queues: &[String]) -> anyhow::Result<u64> {
     }
     // The publisher: every tick, as many messages as are due, each awaiting its own confirm.
     let (connection, publisher) = confirming(&args.url).await?;
-    let body: Arc<[u8]> = vec![b'x'; BODY_BYTES].into();
+    let body: Arc<[u8]> = vec![b'x'; args.size].into();
     let first: Arc<str> = queues[0].as_str().into();
     let start = Instant::now();
     let mut sent = 0u64;

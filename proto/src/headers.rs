@@ -58,6 +58,9 @@ pub const ATTEMPTS: &str = "x-hiway-attempts";
 /// time it died, which may be well before the audit service could store it.
 pub const DEAD_AT: &str = "x-hiway-dead-at";
 
+/// On a batch of messages (see [`crate::batch`]): how many it holds.
+pub const BATCH: &str = "x-hiway-batch";
+
 /// A header's value as text, if it is a string (long or short), with invalid UTF-8 replaced.
 /// For the readers that must get on with a damaged message (the dead-letter store, on-dead
 /// routes) rather than refuse it, as the envelope's strict reading does.

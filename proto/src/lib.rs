@@ -7,12 +7,14 @@
 //! - [`envelope`]: message metadata to and from AMQP properties; the payload travels as the
 //!   AMQP body, untouched.
 //! - [`audit`]: the audit events every service publishes.
+//! - [`batch`]: several accepted messages in one broker message (ingress → transformer).
 //! - [`topology`]: the whole RabbitMQ topology, as a plan of idempotent declarations.
 //! - [`trace`]: which W3C trace context values are carried through to destinations.
 //! - [`amqp`]: AMQP's data model (properties, field tables), without a client.
 
 pub mod amqp;
 pub mod audit;
+pub mod batch;
 pub mod envelope;
 pub mod headers;
 pub mod ids;

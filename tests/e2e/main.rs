@@ -7,6 +7,7 @@
 mod acks;
 mod audit_batch;
 mod audit_store;
+mod batches;
 mod bus;
 mod cli;
 mod dhis2;

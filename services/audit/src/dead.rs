@@ -1,20 +1,55 @@
 //! Reading a dead-lettered delivery into a [`DeadLetter`].
 
 use chrono::Utc;
-use hiway_proto::amqp::{AMQPValue, FieldTable};
-use hiway_proto::{MessageId, headers};
+use hiway_proto::amqp::{AMQPValue, BasicProperties, FieldTable};
+use hiway_proto::{MessageId, batch, headers};
 use hiway_runtime::amqp::Delivery;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::store::DeadLetter;
 
-/// Whatever the delivery carries, a dead letter is made: a message is never refused at the
-/// end of the line because its metadata is damaged.
-pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
+/// The dead letters a dead-lettered delivery holds: one, or one per message of a batch
+/// ([`hiway_proto::batch`]), so that an operator sees, replays and discards each message on
+/// its own, as if it had died alone. Whatever the delivery carries, a dead letter is made: a
+/// message is never refused at the end of the line because its metadata is damaged.
+///
+/// A batch dies whole only at the broker's hand (its delivery limit on the ingress queue, or a
+/// reject when a poison notice could not be published); its messages' dead letters each take
+/// the batch's reason and time. A batch that cannot be read is stored whole, as it came.
+pub fn from_delivery(delivery: &Delivery) -> Vec<DeadLetter> {
+    let routing_key = delivery.routing_key.as_str();
+    let whole = letter(&delivery.properties, &delivery.data, routing_key);
+    if !batch::is_batch(&delivery.properties) {
+        return vec![whole];
+    }
+    let Ok(messages) = batch::read(&delivery.properties, &delivery.data) else {
+        return vec![whole];
+    };
+    // Each message's dead id is derived from the batch's (given by the hiway service that
+    // dead-lettered it, or else drawn from the batch's bytes), so that a batch delivered
+    // twice, or stored half-way before a stop, is stored once.
+    let batch_id = headers::text_lossy(&delivery.properties, headers::DEAD_ID)
+        .and_then(|s| s.parse::<Uuid>().ok())
+        .unwrap_or_else(|| Uuid::new_v5(&Uuid::NAMESPACE_OID, &delivery.data));
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(index, (properties, body))| DeadLetter {
+            dead_id: Uuid::new_v5(&batch_id, &(index as u64).to_be_bytes()),
+            reason: whole.reason.clone(),
+            dead_by: whole.dead_by.clone(),
+            died_at: whole.died_at,
+            ..letter(&properties, body, routing_key)
+        })
+        .collect()
+}
+
+/// One message's dead letter, from its properties and body.
+fn letter(properties: &BasicProperties, body: &[u8], routing_key: &str) -> DeadLetter {
     let empty = FieldTable::default();
-    let h = delivery.properties.headers().as_ref().unwrap_or(&empty);
-    let text = |key: &str| headers::text_lossy(&delivery.properties, key);
+    let h = properties.headers().as_ref().unwrap_or(&empty);
+    let text = |key: &str| headers::text_lossy(properties, key);
     let (reason, dead_by) = match text(headers::DEAD_REASON) {
         Some(reason) => (reason, text(headers::DEAD_BY)),
         // Dead-lettered by the broker itself (a reject without requeue, or a queue limit):
@@ -38,14 +73,13 @@ pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
         dead_id: text(headers::DEAD_ID)
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(Uuid::now_v7),
-        message_id: delivery
-            .properties
+        message_id: properties
             .message_id()
             .as_ref()
             .and_then(|m| m.as_str().parse::<MessageId>().ok()),
         channel: text(headers::CHANNEL),
         destination: text(headers::DESTINATION),
-        routing_key: delivery.routing_key.as_str().to_owned(),
+        routing_key: routing_key.to_owned(),
         reason,
         dead_by,
         // The time it died, when a hiway service recorded it; the broker's own dead-lettering
@@ -58,13 +92,12 @@ pub fn from_delivery(delivery: &Delivery) -> DeadLetter {
             }
             _ => Utc::now(),
         },
-        content_type: delivery
-            .properties
+        content_type: properties
             .content_type()
             .as_ref()
             .map(|c| c.as_str().to_owned()),
         headers: table_to_json(h),
-        body: delivery.data.clone(),
+        body: body.to_vec(),
     }
 }
 

@@ -332,18 +332,21 @@ impl Writer {
                 },
                 _ = stop.cancelled() => return Ok(()),
             };
-            let letter = dead::from_delivery(&delivery);
-            let mut wait = Duration::from_millis(100);
-            loop {
-                match store::insert_dead_letter(&self.pool, &letter).await {
-                    Ok(()) => break,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot store a dead letter; holding it until PostgreSQL answers");
-                        if stop.is_cancelled() {
-                            return Ok(());
+            // Several letters only for a batch (dead at the broker's hand); each is stored
+            // at most once by its dead id, so a stop half-way loses nothing on redelivery.
+            for letter in dead::from_delivery(&delivery) {
+                let mut wait = Duration::from_millis(100);
+                loop {
+                    match store::insert_dead_letter(&self.pool, &letter).await {
+                        Ok(()) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot store a dead letter; holding it until PostgreSQL answers");
+                            if stop.is_cancelled() {
+                                return Ok(());
+                            }
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(Duration::from_secs(5));
                         }
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
                     }
                 }
             }

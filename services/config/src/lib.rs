@@ -160,6 +160,12 @@ pub struct IngressConfig {
     /// Whole-request timeout.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// The most accepted messages carried in one broker message; 1: each on its own.
+    pub batch_max_messages: usize,
+    /// The most body bytes in one batch (a batch always takes at least one message).
+    pub batch_max_bytes: usize,
+    /// Batches awaiting their broker confirms at once.
+    pub batches_in_flight: usize,
 }
 
 /// `[transformer]`
@@ -837,6 +843,12 @@ impl Config {
             ),
             ("audit.prefetch", usize::from(self.audit.prefetch)),
             ("audit.batch_size", self.audit.batch_size),
+            (
+                "ingress.batch_max_messages",
+                self.ingress.batch_max_messages,
+            ),
+            ("ingress.batch_max_bytes", self.ingress.batch_max_bytes),
+            ("ingress.batches_in_flight", self.ingress.batches_in_flight),
             (
                 "database.max_connections",
                 self.database.max_connections as usize,

@@ -12,6 +12,7 @@ pub mod auth;
 mod error;
 pub mod idempotency;
 mod link;
+mod outbox;
 mod routes;
 
 use std::collections::HashMap;
@@ -21,7 +22,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::routing::{get, post};
 use hiway_config::{ChannelConfig, Config};
-use hiway_proto::{ChannelName, Names};
+use hiway_proto::ChannelName;
 use hiway_runtime::Broker;
 use hiway_runtime::amqp::{BrokerError, Connection};
 use tokio::net::TcpListener;
@@ -62,8 +63,8 @@ pub enum Error {
 pub(crate) struct AppState {
     clients: Arc<auth::Clients>,
     channels: Arc<HashMap<ChannelName, ChannelConfig>>,
-    names: Names,
     link: link::Link,
+    outbox: outbox::Outbox,
     retry_after: u32,
     keys: Option<idempotency::KeyStore>,
 }
@@ -77,6 +78,8 @@ pub struct Ingress {
     link: link::Link,
     keys: Option<idempotency::KeyStore>,
     purge: Vec<(ChannelName, std::time::Duration)>,
+    batches: Option<hiway_runtime::batcher::Writer>,
+    drain: std::time::Duration,
 }
 
 /// Binds the listener and connects to the broker. Fails if either is impossible, so a
@@ -113,11 +116,16 @@ pub async fn build(config: &Config) -> Result<Ingress, Error> {
         .iter()
         .filter_map(|(name, c)| c.idempotency.as_ref().map(|i| (name.clone(), i.window)))
         .collect();
+    let (outbox, batches) = outbox::Outbox::start(
+        &config.ingress,
+        config.names().ingress_exchange(),
+        link.clone(),
+    );
     let state = AppState {
         clients: Arc::new(auth::Clients::from_config(config)),
         channels: Arc::new(config.channels.clone().into_iter().collect()),
-        names: config.names(),
         link: link.clone(),
+        outbox,
         retry_after: config.ingress.retry_after_seconds,
         keys: keys.clone(),
     };
@@ -129,6 +137,8 @@ pub async fn build(config: &Config) -> Result<Ingress, Error> {
         link,
         keys,
         purge,
+        batches,
+        drain: config.shutdown.drain_timeout,
     })
 }
 
@@ -183,6 +193,17 @@ impl Ingress {
         let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(stop.cancelled_owned())
             .await;
+        // Every request is answered, so every batch was settled; one is still in flight only
+        // if its request timed out first. Let it be confirmed before the channel closes.
+        if let Some(batches) = self.batches
+            && tokio::time::timeout(self.drain, batches.finish())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "a batch of messages was still unconfirmed when the drain timeout passed"
+            );
+        }
         // Only now, with every request answered, is the broker link closed.
         link_stop.cancel();
         let _ = supervisor.await;

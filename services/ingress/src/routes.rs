@@ -6,7 +6,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use hiway_config::OnStoreError;
-use hiway_proto::names::INGRESS_KEY;
 use hiway_proto::{ChannelName, Envelope, headers, trace};
 use serde::Serialize;
 use tracing::Instrument;
@@ -154,13 +153,13 @@ pub async fn post_message(
     // on the context the next service is to join: this span's, or the source's as it came.
     (envelope.traceparent, envelope.tracestate) =
         hiway_runtime::telemetry::hand_on(&span, traceparent.map(str::to_owned), tracestate);
-    let published = publisher
-        .publish(
-            &state.names.ingress_exchange(),
-            INGRESS_KEY,
-            &bytes,
-            envelope.to_properties(),
-        )
+    let message = crate::outbox::Message {
+        properties: envelope.to_properties(),
+        body: bytes,
+    };
+    let published = state
+        .outbox
+        .publish(publisher, message)
         .instrument(span)
         .await;
     match (published, claim) {

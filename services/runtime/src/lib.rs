@@ -4,6 +4,7 @@
 pub mod acks;
 pub mod amqp;
 pub mod audit;
+pub mod batcher;
 pub mod cli;
 pub mod client;
 pub mod consume;

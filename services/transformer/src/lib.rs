@@ -12,6 +12,10 @@
 //! dead-letters that message for that route alone, with jq's error; the other routes go on. A
 //! message whose envelope cannot be read is dead-lettered whole.
 //!
+//! A broker message from ingress may be a batch of accepted messages ([`hiway_proto::batch`]):
+//! each is routed as if it had come alone, and the batch is acked once all of them are
+//! durable (or returned to the queue whole if any is not).
+//!
 //! On-dead routes take a copy of every dead letter (from their own queue on the dead
 //! exchange) and run the same way, on `{message_id, channel, destination, route, reason,
 //! body}`: that is how a failed delivery can tell its source ("sync failed").
@@ -25,7 +29,7 @@ use futures_util::future::join_all;
 use hiway_config::Config;
 use hiway_proto::audit::{AuditEvent, AuditKind, RoutedCopy};
 use hiway_proto::topology::{self, DEAD_KEY_INGRESS};
-use hiway_proto::{Envelope, Names, RouteName, headers};
+use hiway_proto::{Envelope, Names, RouteName, batch, headers};
 use hiway_runtime::amqp::{BrokerError, Connection, Delivery};
 use hiway_runtime::consume::{Reconnect, consume_concurrently};
 use hiway_runtime::{Acks, AuditBatcher, Broker, Publisher};
@@ -141,13 +145,17 @@ async fn session(
     let publisher = broker.publisher(conn).await?;
     // The audit events of every message in hand leave together, one broker message per batch.
     let (audit, audit_writer) = AuditBatcher::start(publisher.clone());
+    // A batch holds many messages in one delivery, so prefetch alone would not bound the
+    // messages being routed at once; these permits, one per message, do.
+    let in_hand = tokio::sync::Semaphore::new(usize::from(settings.prefetch));
     let out = Out {
         publisher: &publisher,
         audit: &audit,
         deliver_exchange: &names.deliver_exchange(),
+        in_hand: &in_hand,
     };
-    // Prefetch bounds how many messages are being routed at once (and so memory: at most
-    // prefetch × the largest body); all of them are handled concurrently, so their confirms
+    // Prefetch bounds how many broker messages are held at once (and so memory: at most
+    // prefetch × the largest body, or batch); all of them are handled concurrently, so their confirms
     // are in flight together.
     let prefetch = settings.prefetch;
     let consumer = broker
@@ -227,11 +235,17 @@ struct Out<'a> {
     publisher: &'a Publisher,
     audit: &'a AuditBatcher,
     deliver_exchange: &'a str,
+    /// One permit per message being routed (see [`session`]).
+    in_hand: &'a tokio::sync::Semaphore,
 }
 
-/// Routes one message from the ingress queue and settles it.
+/// Routes one broker message from the ingress queue, a single message or a batch of them
+/// ([`hiway_proto::batch`]), and settles it.
 async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
-    let mut envelope = match Envelope::from_properties(&delivery.properties) {
+    if batch::is_batch(&delivery.properties) {
+        return route_batch(out, router, delivery, acks).await;
+    }
+    let envelope = match Envelope::from_properties(&delivery.properties) {
         Ok(e) => e,
         Err(error) => {
             tracing::warn!(%error, "dead-lettering a message whose envelope cannot be read");
@@ -241,6 +255,53 @@ async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
                 .await;
         }
     };
+    let durable = route_one(out, router, envelope, &delivery.data).await;
+    acks.settle(delivery.delivery_tag, durable);
+}
+
+/// Routes every message of a batch, all at once, and acks the batch once every one's copies,
+/// dead letters and audit events are confirmed. If any fails the whole batch goes back to the
+/// queue, and the messages already routed are routed again (their copies sent twice, which
+/// destinations dedupe by idempotency key), as for a single message whose publishes fail.
+/// A message of the batch whose envelope cannot be read is dead-lettered alone; a batch that
+/// cannot be read at all is dead-lettered whole, with the reason naming where it is broken.
+async fn route_batch(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
+    let messages = match batch::read(&delivery.properties, &delivery.data) {
+        Ok(m) => m,
+        Err(error) => {
+            tracing::warn!(%error, "dead-lettering a batch that cannot be read");
+            return out
+                .publisher
+                .settle_poison(delivery, &error.to_string(), SERVICE, &acks)
+                .await;
+        }
+    };
+    let routing_key = delivery.routing_key.as_str();
+    let routed = messages.into_iter().map(|(properties, body)| async move {
+        match Envelope::from_properties(&properties) {
+            Ok(envelope) => route_one(out, router, envelope, body).await,
+            Err(error) => {
+                tracing::warn!(%error, "dead-lettering a message of a batch whose envelope cannot be read");
+                out.publisher
+                    .publish_dead_parts(routing_key, body, properties, &error.to_string(), SERVICE)
+                    .await
+            }
+        }
+    });
+    let durable = join_all(routed).await.into_iter().collect();
+    acks.settle(delivery.delivery_tag, durable);
+}
+
+/// Runs a message's routes and publishes what they made. Ok only when every copy, dead
+/// letter and audit event is confirmed.
+async fn route_one(
+    out: &Out<'_>,
+    router: &Router,
+    mut envelope: Envelope,
+    body: &[u8],
+) -> Result<(), hiway_runtime::PublishError> {
+    // Never closed, so this waits for a permit and never fails.
+    let _permit = out.in_hand.acquire().await;
     let span = tracing::info_span!("transformer.route", message_id = %envelope.id, channel = %envelope.channel);
     // Joins the trace the message came with (when traces are exported); its copies carry this
     // span's context on, or the one that came, unchanged.
@@ -267,14 +328,12 @@ async fn route(out: &Out<'_>, router: &Router, delivery: Delivery, acks: Acks) {
                     channel: envelope.channel.clone(),
                     client: envelope.client.clone(),
                     content_type: envelope.content_type.clone(),
-                    size_bytes: delivery.data.len() as u64,
+                    size_bytes: body.len() as u64,
                 },
             )
         };
-        let body = &delivery.data;
         let plan = plan(router, &envelope, &entries, || hiway_transform::parse(body));
-        let durable = carry_out(out, &envelope, body, plan, Some(received)).await;
-        acks.settle(delivery.delivery_tag, durable);
+        carry_out(out, &envelope, body, plan, Some(received)).await
     }
     .instrument(span)
     .await
