@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use hiway_proto::amqp::{AMQPValue, BasicProperties};
+use hiway_proto::amqp::AMQPValue;
 use hiway_proto::batch::BatchWriter;
 use hiway_proto::{ChannelName, ClientName, Envelope, MessageId, headers};
-use hiway_tests::{Receiver, Services, TestHiway};
+use hiway_tests::{Receiver, Services, TestHiway, publish_raw as publish};
 use serde_json::json;
 
 use crate::bus::one_route_with;
@@ -22,27 +22,6 @@ fn envelope() -> Envelope {
         ClientName::parse("source").unwrap(),
         "application/json".into(),
     )
-}
-
-/// Publishes straight to an exchange, as another service (or the broker) would.
-async fn publish(exchange: &str, key: &str, body: &[u8], properties: BasicProperties) {
-    let connection = lapin::Connection::connect(&hiway_tests::amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .basic_publish(
-            exchange.into(),
-            key.into(),
-            Default::default(),
-            body,
-            properties,
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    let _ = connection.close(200, "published".into()).await;
 }
 
 #[tokio::test]

@@ -574,6 +574,34 @@ api_key_sha256 = "{}"
     }
 }
 
+/// Publishes straight to an exchange of the test broker with the tests' own client, as
+/// another tool (or the broker itself) would, bypassing hiway's checks, and waits for the
+/// broker's confirm.
+pub async fn publish_raw(
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
+    let connection = lapin::Connection::connect(&amqp_url(), Default::default())
+        .await
+        .expect("connect to the broker");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            Default::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let _ = connection.close(200, "published".into()).await;
+}
+
 /// Deletes a test's queues and exchanges from the shared broker, ignoring any already gone.
 pub async fn delete_queues_and_exchanges(
     channel: &lapin::Channel,
