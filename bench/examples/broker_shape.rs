@@ -5,8 +5,8 @@
 //! 84–88 µs in the baseline (docs/benchmarks.md, session 14), and the end-to-end ratio target
 //! is read against that baseline. The baseline runs the broker flat out (500 confirms in
 //! flight); hiway's traffic arrives paced, as HTTP requests do. This separates the two: the
-//! same persistent 1023-byte messages into fresh quorum queues, published with lapin at a
-//! fixed rate in bursts every `--tick-ms`, through one hop (publisher → queue → consumer) or
+//! same persistent messages (1023 bytes unless `--size` says otherwise) into fresh quorum
+//! queues, published with lapin at a fixed rate in bursts every `--tick-ms`, through one hop (publisher → queue → consumer) or
 //! two (publisher → queue → relay that republishes each delivery and acks it once the copy is
 //! confirmed → queue → consumer), as hiway's ingress → transformer → sender do. It prints the
 //! broker's CPU (user + system of the process listening on the AMQP port, from /proc) per

@@ -1,8 +1,9 @@
 //! Several accepted messages in one broker message, on the ingress → transformer hop.
 //!
-//! Why: every broker message costs RabbitMQ about the same CPU whatever its size (a quorum
-//! queue append, a confirm, a delivery, an ack), and on a small machine the broker is the
-//! largest consumer of CPU (docs/benchmarks.md). Ingress accepts many requests at once under
+//! Why: much of RabbitMQ's CPU goes per broker message rather than per byte (a quorum-queue
+//! append, a confirm, a delivery, an ack: the same bytes in a quarter of the messages cost it
+//! 30–40% less), and on a small machine the broker is the largest consumer of CPU
+//! (docs/benchmarks.md, session 18). Ingress accepts many requests at once under
 //! load; carrying the ones that are waiting for a publish together in one broker message
 //! takes most of one hop's broker messages away, and each request is still answered 202 only
 //! after the broker confirmed the batch that holds it.

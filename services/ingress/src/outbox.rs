@@ -1,7 +1,7 @@
 //! Accepted messages on their way to the broker: each on its own, or the ones waiting at the
 //! same moment together in one batch ([`hiway_proto::batch`]).
 //!
-//! Why batches: RabbitMQ's cost is mostly per broker message, whatever its size, and on a
+//! Why batches: much of RabbitMQ's cost goes per broker message rather than per byte, and on a
 //! small machine the broker takes the largest share of the CPU (docs/benchmarks.md). Under
 //! load many requests wait for a publish at once; carrying them in one broker message takes
 //! most of the ingress hop's broker messages away. Each request is still answered 202 only

@@ -3,8 +3,8 @@
 //!
 //! Two services use it: workers gather the audit events of every message in hand into one
 //! audit message ([`crate::AuditBatcher`]), and ingress gathers the requests waiting for a
-//! publish into one batch message ([`hiway_proto::batch`]). Both exist because RabbitMQ's
-//! cost is mostly per broker message, whatever its size (docs/benchmarks.md).
+//! publish into one batch message ([`hiway_proto::batch`]). Both exist because much of
+//! RabbitMQ's cost goes per broker message rather than per byte (docs/benchmarks.md).
 //!
 //! It never waits on a timer: when it is idle, the first item goes out at once, so a quiet
 //! system sees no added latency. While `in_flight` publishes await their confirms, new items
