@@ -117,21 +117,6 @@ impl BatchWriter {
         Ok(())
     }
 
-    /// How many messages it holds.
-    pub fn len(&self) -> usize {
-        self.count as usize
-    }
-
-    /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Its size in bytes so far.
-    pub fn bytes(&self) -> usize {
-        self.body.len()
-    }
-
     /// The broker message: its body, and its properties (persistent, marked as a batch, with
     /// the batch version and the count in headers).
     pub fn finish(self) -> (Vec<u8>, BasicProperties) {
@@ -237,7 +222,6 @@ mod tests {
         w.push(&a.to_properties(), br#"{"form":1}"#).unwrap();
         w.push(&b.to_properties(), b"").unwrap();
         w.push(&a.to_properties(), &[0xff, 0x00, 0x7f]).unwrap();
-        assert_eq!(w.len(), 3);
         let (body, props) = w.finish();
         assert!(is_batch(&props));
         assert_eq!(props.delivery_mode(), &Some(2));

@@ -389,7 +389,11 @@ async fn a_trace_header_set_behind_ingress_that_http_cannot_carry_is_not_sent_an
 
 /// Publishes to the ingress exchange with the tests' own client, as another tool would,
 /// bypassing ingress (and so its checks), and waits for the broker's confirm.
-async fn publish_behind_ingress(app: &TestHiway, body: &[u8], properties: lapin::BasicProperties) {
+pub(crate) async fn publish_behind_ingress(
+    app: &TestHiway,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) {
     let exchange = app.names().ingress_exchange();
     hiway_tests::publish_raw(&exchange, hiway_proto::names::INGRESS_KEY, body, properties).await;
 }

@@ -31,6 +31,16 @@ pub enum Unavailable {
     Blocked,
 }
 
+impl Unavailable {
+    /// Why, in words, for the 503's message and the publish error.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Disconnected => "not connected",
+            Self::Blocked => "the broker blocks publishers",
+        }
+    }
+}
+
 impl Link {
     /// The publisher to use, or why there is none.
     pub fn publisher(&self) -> Result<Publisher, Unavailable> {

@@ -86,12 +86,8 @@ async fn publish(
     exchange: &str,
     mut messages: Vec<Message>,
 ) -> Result<(), PublishError> {
-    let publisher = publisher.map_err(|why| {
-        PublishError::Broker(match why {
-            Unavailable::Disconnected => BrokerError::Closed,
-            Unavailable::Blocked => BrokerError::Client("the broker blocks publishers".into()),
-        })
-    })?;
+    let publisher =
+        publisher.map_err(|why| PublishError::Broker(BrokerError::Client(why.reason().into())))?;
     if messages.len() == 1
         && let Some(one) = messages.pop()
     {

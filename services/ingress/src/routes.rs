@@ -13,7 +13,6 @@ use tracing::Instrument;
 use crate::AppState;
 use crate::error::IngressError;
 use crate::idempotency::{Claim, KeyStore, MAX_KEY_LEN};
-use crate::link::Unavailable;
 
 /// The answer to an accepted message.
 #[derive(Serialize)]
@@ -92,13 +91,10 @@ pub async fn post_message(
         });
     }
 
-    let publisher = state.link.publisher().map_err(|why| {
-        let reason = match why {
-            Unavailable::Disconnected => "not connected",
-            Unavailable::Blocked => "the broker blocks publishers",
-        };
-        IngressError::Unavailable(reason.to_owned(), state.retry_after)
-    })?;
+    let publisher = state
+        .link
+        .publisher()
+        .map_err(|why| IngressError::Unavailable(why.reason().to_owned(), state.retry_after))?;
 
     let mut envelope = Envelope::accepted(channel_name, client, content_type);
     let (traceparent, tracestate) = trace_context(&request_headers);

@@ -155,8 +155,8 @@ async fn session(
         in_hand: &in_hand,
     };
     // Prefetch bounds how many broker messages are held at once (and so memory: at most
-    // prefetch × the largest body, or batch); all of them are handled concurrently, so their confirms
-    // are in flight together.
+    // prefetch × the largest body, or batch); all of them are handled concurrently, so their
+    // confirms are in flight together.
     let prefetch = settings.prefetch;
     let consumer = broker
         .consumer(conn, &names.ingress_queue(), "hiway-transformer", prefetch)
